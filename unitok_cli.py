@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("tokenizer.cli:encode", "images -> UniTok codes (safetensors)"),
     "decode": ("tokenizer.cli:decode", "UniTok codes -> PNG images"),
     "train-tokenizer": ("train.tokenizer.cli", "train a UniTok tokenizer from a YAML config"),
+    "extract-codes": ("train.data.extract", "precompute UniTok codes of a dataset (parquet shards, resumable)"),
+    "chat": ("mllm.cli:chat_command", "multi-turn chat about images with a UniTok MLLM"),
+    "generate": ("mllm.cli:generate_command", "text-to-image with a UniTok MLLM (PNGs + grid)"),
+    "convert-mllm": ("mllm.convert", "convert released UniTok-MLLM weights to this project's format"),
 }
 
 

@@ -81,3 +81,23 @@ def make_grid(images: Sequence[Image.Image] | torch.Tensor, ncols: int | None = 
         r, c = divmod(i, ncols)
         grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (122, 116, 104)) -> Image.Image:
+    """LLaVA's ``expand2square``: centre the image on a square canvas of ``fill`` (the MLLM's understanding input)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess_padded(img: Image.Image | str | Path, size: int) -> torch.Tensor:
+    """The MLLM understanding transform (reference ``model_vqa_loader``): pad to square, bilinear resize,
+    [-1, 1] — nothing is cropped away."""
+    if not isinstance(img, Image.Image):
+        img = load_image(img)
+    return to_tensor(pad_to_square(img).resize((size, size), Image.BILINEAR))

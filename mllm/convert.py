@@ -1,0 +1,152 @@
+"""Reading foreign checkpoints: the released UniTok-MLLM layout (``unitok convert-mllm``) and plain Llama models.
+
+Released layout (spec §f) -> ours:
+
+    model.layers.* / model.embed_tokens / model.norm / lm_head   -> unchanged (the Llama backbone)
+    model.multi_embedder.{quantizer,attn_projection,mm_projector}.*  -> code_embedder.*
+    ar_head.*                                                     -> depth_head.*
+
+The released ``config.json`` carries only the Llama fields; the image side is hard-coded in the reference, so its
+sizes are options whose defaults are the released values. Tensors are renamed and checked against the shapes our
+model expects, then written with safetensors (sharded for large models) — no model is instantiated, so converting
+the 7B release needs memory for its tensors only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig
+
+from tokenizer.checkpoint import atomic_write_dir
+
+from .configuration import UniTokMLLMConfig
+
+RENAMES = (("model.multi_embedder.", "code_embedder."), ("ar_head.", "depth_head."))
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+# image-side fields of the released model (not in its config.json)
+RELEASED_IMAGE_SIDE = dict(num_codebooks=8, codebook_size=4096, code_dim=8, projection_dim=1024, projection_heads=16,
+                           depth_layers=3, image_positions=256, chat_template="vicuna_v1")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a folder (sharded or not, safetensors or ``.bin``) or one file.
+    ``.bin``/``.pth`` files are read with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if path.is_dir():
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (path / index_name).is_file():
+                weight_map = json.loads((path / index_name).read_text())["weight_map"]
+                state = {}
+                for shard in sorted(set(weight_map.values())):
+                    state.update(read_state_dict(path / shard))
+                return state
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_state_dict(path / name)
+        raise FileNotFoundError(f"{path} holds no model.safetensors, pytorch_model.bin or a shard index")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - truncated/corrupt files raise many types
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a flat state dict of tensors")
+    return state
+
+
+def rename_released_key(key: str) -> str:
+    for old, new in RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def llama_fields(config_path: str | Path) -> dict:
+    """The Llama fields of a ``config.json`` (model_type llama, mini_gemini, ...), through ``LlamaConfig``."""
+    raw = json.loads(Path(config_path).read_text())
+    for k in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
+        raw.pop(k, None)
+    known = set(LlamaConfig().to_dict())
+    llama = LlamaConfig(**{k: v for k, v in raw.items() if k in known or k in ("rope_theta", "rope_scaling")})
+    fields = llama.to_dict()
+    for k in ("model_type", "transformers_version", "architectures", "_name_or_path", "id2label", "label2id",
+              "output_attentions"):
+        fields.pop(k, None)
+    return fields
+
+
+def expected_shapes(config: UniTokMLLMConfig) -> dict[str, tuple[int, ...]]:
+    from .modeling import UniTokMLLM
+
+    with torch.device("meta"):
+        model = UniTokMLLM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert_released(src: str | Path, dst: str | Path, config_path: str | Path | None = None,
+                     **image_side) -> Path:
+    """Convert a released-layout checkpoint into our ``save_pretrained`` folder (atomic)."""
+    src = Path(src)
+    config_path = Path(config_path) if config_path else (src / "config.json" if src.is_dir() else None)
+    if config_path is None or not config_path.is_file():
+        raise FileNotFoundError(f"no Llama config.json for {src}; pass --config")
+    config = UniTokMLLMConfig(**{**llama_fields(config_path), **RELEASED_IMAGE_SIDE, **image_side})
+    state = {rename_released_key(k): v for k, v in read_state_dict(src).items()}
+    expected = expected_shapes(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in expected
+             if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError("checkpoint does not match the released layout with these image-side sizes "
+                         f"(K={config.num_codebooks}, {config.codebook_size} codes, code_dim {config.code_dim}, "
+                         f"projection {config.projection_dim}/{config.projection_heads} heads, "
+                         f"{config.depth_layers} head layers): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"wrong shapes {wrong[:5]}")
+    return write_checkpoint(dst, config, state, tokenizer_from=src if src.is_dir() else None)
+
+
+def write_checkpoint(dst: str | Path, config: UniTokMLLMConfig, state: dict[str, torch.Tensor],
+                     tokenizer_from: Path | None = None) -> Path:
+    from huggingface_hub import save_torch_state_dict
+
+    def write(tmp: Path) -> None:
+        config.architectures = ["UniTokMLLM"]
+        config.save_pretrained(tmp)
+        save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, tmp, max_shard_size="5GB")
+        for name in TOKENIZER_FILES:
+            if tokenizer_from is not None and (tokenizer_from / name).is_file():
+                shutil.copy2(tokenizer_from / name, tmp / name)
+
+    return atomic_write_dir(dst, write)
+
+
+# ---------------------------------------------------------------------------- CLI: unitok convert-mllm
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="released checkpoint: a folder (config.json + safetensors/.bin, sharded or not) or a file")
+    p.add_argument("dst", help="output folder (our save_pretrained format)")
+    p.add_argument("--config", default=None, help="Llama config.json when SRC is a single file")
+    for name, default in RELEASED_IMAGE_SIDE.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"(released: {default})")
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = {k: getattr(args, k) for k in RELEASED_IMAGE_SIDE}
+    out = convert_released(args.src, args.dst, args.config, **sizes)
+    print(f"converted {args.src} -> {out}")
+    return 0

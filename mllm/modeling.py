@@ -1,0 +1,355 @@
+"""The unified UniTok MLLM: a Llama decoder that reads and writes images as UniTok multi-codebook codes.
+
+    text ids ──embed_tokens──┐
+                             ├─ spliced at image positions ─► Llama backbone ─► final norm ─┬─► lm_head (text)
+    image codes ─CodeEmbedder┘                                                              └─► DepthHead (K sub-codes)
+
+* :class:`CodeEmbedder` — frozen lookup in the tokenizer's l2-normalised sub-codebooks (books concatenated in order),
+  a **causal** attention projection over one image's positions, then an MLP projector to the hidden size.
+* :class:`DepthHead` — for image position j, the sequence ``[h_{j-1}, E_0(c_j^0), …, E_{K-2}(c_j^{K-2})]`` (h: the
+  backbone's final-normed state before position j) runs through a few Llama layers; slot k predicts sub-code k.
+* One next-token loss: text CE on text targets and sub-code CE (+ z-loss) on image targets, weighted by their counts
+  exactly as the reference (spec §c). The LM head runs only where a text target exists and the depth head only on
+  image positions that carry targets.
+
+Sequence conventions (also see :mod:`mllm.processing`): every image occupies ``image_positions`` consecutive slots of
+``input_ids`` equal to ``config.image_placeholder_id``; ``image_codes`` ``[M, K, N]`` lists the images in order of
+appearance. In ``labels`` an image slot holds ``image_placeholder_id`` when its codes are a target (text-to-image) and
+``IGNORE_INDEX`` otherwise. Packed rows (several samples per row) are expressed with ``position_ids`` restarting at
+0 per sample; transformers then builds a block-diagonal causal mask (sdpa/eager) or varlen flash-attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaModel, LlamaRMSNorm,
+                                                      LlamaRotaryEmbedding, apply_rotary_pos_emb)
+
+from tokenizer.projection import AttnProjection, PlainAttention, ProjectionCache
+from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
+
+from .configuration import IGNORE_INDEX, UniTokMLLMConfig
+
+
+class CodeEmbedder(nn.Module):
+    """Image codes ``[M, K, N]`` -> embeddings ``[M, N, hidden]`` (reference ``TokenEmbedder``, spec §a)."""
+
+    def __init__(self, config: UniTokMLLMConfig):
+        super().__init__()
+        self.quantizer = MultiCodebookQuantizer(config.num_codebooks, config.codebook_size, config.code_width)
+        self.quantizer.requires_grad_(False)  # an embedding table shared with the tokenizer: always frozen
+        self.attn_projection = AttnProjection(config.code_width, config.projection_dim, config.projection_heads,
+                                              causal=True)
+        self.mm_projector = nn.Sequential(nn.LayerNorm(config.projection_dim, eps=1e-6),
+                                          nn.Linear(config.projection_dim, config.hidden_size), nn.GELU(),
+                                          nn.Linear(config.hidden_size, config.hidden_size))
+
+    def forward(self, codes: torch.Tensor, cache: ProjectionCache | None = None) -> torch.Tensor:
+        """``cache`` makes positions fed one at a time (generation) embed exactly as a whole image (training)."""
+        f = self.quantizer.idx_to_f(codes).to(self.mm_projector[1].weight.dtype)
+        return self.mm_projector(self.attn_projection(f, cache))
+
+
+class DepthHead(nn.Module):
+    """Emits the K sub-codes of one image position from the backbone state before it (reference ``AR_head``)."""
+
+    def __init__(self, config: UniTokMLLMConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.depth_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.linear_head = nn.Linear(config.hidden_size, config.codebook_size)
+        # table i embeds sub-code i as the input that predicts sub-code i+1 (none for the last one)
+        self.codebooks = nn.ModuleList(nn.Embedding(config.codebook_size, config.hidden_size)
+                                       for _ in range(config.num_codebooks - 1))
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sub-codes ``[R, k]`` (books 0..k-1, k < K) -> ``[R, k, hidden]``."""
+        return torch.stack([self.codebooks[i](codes[:, i]) for i in range(codes.shape[1])], dim=1)
+
+    def forward(self, inputs_embeds: torch.Tensor, past_key_values: Cache | None = None) -> torch.Tensor:
+        """Depth sequences ``[R, T, hidden]`` (continuing ``past_key_values`` if given) -> normed states."""
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=None,
+                                  past_key_values=past_key_values, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
+                      use_cache=past_key_values is not None, position_embeddings=position_embeddings)
+        return self.norm(x)
+
+    def teacher_forced_logits(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Context states ``[R, hidden]`` and target codes ``[R, K]`` -> logits ``[R, K, V]`` (one batched pass)."""
+        x = torch.cat((context[:, None], self.embed_codes(codes[:, :-1])), dim=1)
+        return self.linear_head(self(x))
+
+
+@dataclass
+class DepthCache:
+    """Static KV buffers of one depth rollout: per layer ``[R, kv_heads, K, head_dim]``, plus RoPE for 0..K-1."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    length: int = 0
+
+
+class DepthDecoder:
+    """Single-token steps of the depth head for generation: the same computation as its Llama layers, without the
+    per-call mask/cache/rope bookkeeping that dominates small-batch decoding (K steps per image position).
+    ``tests/test_mllm.py`` checks it against :meth:`DepthHead.forward` (HF layers)."""
+
+    def __init__(self, head: DepthHead):
+        self.head = head
+
+    def new_cache(self, rows: int, like: torch.Tensor) -> DepthCache:
+        cfg, K = self.head.config, self.head.config.num_codebooks
+        shape = (rows, cfg.num_key_value_heads, K, cfg.head_dim)
+        n = len(self.head.layers)
+        cos, sin = self.head.rotary_emb(like, position_ids=torch.arange(K, device=like.device)[None])
+        return DepthCache([like.new_empty(shape) for _ in range(n)], [like.new_empty(shape) for _ in range(n)],
+                          cos[0], sin[0])
+
+    def step(self, x: torch.Tensor, cache: DepthCache) -> torch.Tensor:
+        """``x`` [R, hidden] at depth slot ``cache.length`` -> final-normed state [R, hidden]."""
+        t = cache.length
+        cos, sin = cache.cos[t:t + 1], cache.sin[t:t + 1]
+        R = x.shape[0]
+        x = x[:, None]
+        for i, layer in enumerate(self.head.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(R, 1, -1, attn.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(R, 1, -1, attn.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(R, 1, -1, attn.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            cache.keys[i][:, :, t:t + 1] = k
+            cache.values[i][:, :, t:t + 1] = v
+            o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :t + 1], cache.values[i][:, :, :t + 1],
+                                               scale=attn.scaling, enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(R, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length = t + 1
+        return self.head.norm(x)[:, 0]
+
+
+@dataclass
+class UniTokMLLMOutput(ModelOutput):
+    """``loss`` is the reference's token-weighted total; the parts are reported beside it (detached counts)."""
+
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    image_loss: torch.Tensor | None = None  # sub-code CE + z-loss
+    image_ce: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    n_text_tokens: int | None = None
+    n_image_subcodes: int | None = None
+    logits: torch.Tensor | None = None  # [B, L', vocab] when no labels; [n_text_targets, vocab] with labels
+    image_logits: torch.Tensor | None = None  # [n_image_targets, K, codebook_size] with labels
+    past_key_values: Cache | None = None
+    hidden_states: torch.Tensor | None = None  # final-normed backbone states, when asked
+
+
+class UniTokMLLMPreTrainedModel(PreTrainedModel):
+    config_class = UniTokMLLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' defaults (Linear/Embedding N(0, initializer_range), norms, rotary buffers) through its
+        # ``init`` functions, which skip tensors already loaded from a checkpoint; then our own modules.
+        super()._init_weights(module)
+        if isinstance(module, PlainAttention):
+            init.zeros_(module.q_bias)
+            init.zeros_(module.v_bias)
+            init.zeros_(module.zero_k_bias)
+        elif isinstance(module, SubCodebook):  # reference ``vocab_init = -1`` (overwritten by the tokenizer's books)
+            bound = module.codebook.weight.shape[1] ** -0.5 / 36
+            init.uniform_(module.codebook.weight, -bound, bound)
+            init.zeros_(module.vocab_usage)
+
+
+class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: UniTokMLLMConfig):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.code_embedder = CodeEmbedder(config)
+        self.depth_head = DepthHead(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    # ------------------------------------------------------------------ inputs
+    def embed_inputs(self, input_ids: torch.Tensor, image_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the code embedder's output spliced in at the image slots (no Python loop)."""
+        is_image = input_ids == self.config.image_placeholder_id
+        n_slots = int(is_image.sum())
+        bad = (input_ids < 0) & ~is_image
+        if bad.any() or (input_ids >= self.config.vocab_size).any():
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {self.config.vocab_size}) "
+                             f"that are not the image id {self.config.image_placeholder_id}")
+        embeds = self.model.embed_tokens(input_ids.masked_fill(is_image, 0))
+        if n_slots == 0:
+            if image_codes is not None and image_codes.numel():
+                raise ValueError(f"{image_codes.shape[0]} images were given but input_ids have no image slots")
+            return embeds
+        N = self.config.image_positions
+        if image_codes is None or image_codes.ndim != 3 or image_codes.shape[0] * image_codes.shape[2] != n_slots:
+            got = "none" if image_codes is None else tuple(image_codes.shape)
+            raise ValueError(f"input_ids have {n_slots} image slots ({n_slots / N:g} images of {N} positions) but "
+                             f"image_codes are {got}; expected [{n_slots // N}, {self.config.num_codebooks}, {N}]")
+        image_embeds = self.code_embedder(image_codes).to(embeds.dtype)
+        return embeds.masked_scatter(is_image[..., None], image_embeds)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_codes: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> UniTokMLLMOutput:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, image_codes)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        result = UniTokMLLMOutput(past_key_values=out.past_key_values,
+                                  hidden_states=hidden if output_hidden_states else None)
+        if labels is None:
+            result.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            return result
+        if input_ids is None:
+            raise ValueError("training with labels needs input_ids (to locate the image slots)")
+        return self._loss(result, hidden, input_ids, labels, image_codes)
+
+    def _loss(self, result: UniTokMLLMOutput, hidden: torch.Tensor, input_ids: torch.Tensor,
+              labels: torch.Tensor, image_codes: torch.Tensor | None) -> UniTokMLLMOutput:
+        cfg = self.config
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
+        context, targets = hidden[:, :-1], labels[:, 1:]  # state t predicts label t+1
+        text_sel = targets >= 0
+        image_sel = targets == cfg.image_placeholder_id
+        if image_sel.any() and not (input_ids[:, 1:][image_sel] == cfg.image_placeholder_id).all():
+            raise ValueError("labels mark image targets at positions whose input is not an image slot")
+        parts, counts = [], []
+
+        n_txt = int(text_sel.sum())
+        if n_txt:
+            text_logits = self.lm_head(context[text_sel]).float()
+            result.text_loss = F.cross_entropy(text_logits, targets[text_sel])
+            result.logits = text_logits
+            parts.append(result.text_loss)
+            counts.append(n_txt)
+
+        n_pos = int(image_sel.sum())
+        if n_pos:
+            # codes of every image slot, in slot order; pick those of the supervised slots
+            codes_per_slot = image_codes.permute(0, 2, 1).reshape(-1, cfg.num_codebooks)
+            slot_index = (input_ids == cfg.image_placeholder_id).flatten().cumsum(0).view_as(input_ids) - 1
+            target_codes = codes_per_slot[slot_index[:, 1:][image_sel]].long()
+            image_logits = self.depth_head.teacher_forced_logits(context[image_sel], target_codes).float()
+            result.image_ce = F.cross_entropy(image_logits.flatten(0, 1), target_codes.flatten())
+            result.z_loss = cfg.z_loss_weight * image_logits.max(-1).values.pow(2).mean()
+            result.image_loss = result.image_ce + result.z_loss
+            result.image_logits = image_logits
+            parts.append(result.image_loss)
+            counts.append(n_pos * cfg.num_codebooks)
+
+        result.n_text_tokens, result.n_image_subcodes = n_txt, n_pos * cfg.num_codebooks
+        if not parts:
+            raise ValueError("the batch has no supervised position (all labels are IGNORE_INDEX)")
+        total = sum(counts)
+        result.loss = sum(p * (c / total) for p, c in zip(parts, counts))
+        return result
+
+    # ------------------------------------------------------------------ generation glue (text)
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_codes=None,
+                                      is_first_iteration=False, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds,
+                                                       is_first_iteration=is_first_iteration, **kwargs)
+        if is_first_iteration and inputs.get("inputs_embeds") is None:
+            inputs["image_codes"] = image_codes  # the image slots only exist in the prompt
+        return inputs
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_llama(cls, path: str, unitok=None, **image_side) -> "UniTokMLLM":
+        """Start from any Llama-architecture checkpoint on disk (folder with ``config.json``): the backbone and
+        ``lm_head`` are loaded, the code embedder comes from ``unitok`` (a :class:`tokenizer.UniTok`), the depth
+        head is freshly initialised (as the reference does when it loads Llama-2)."""
+        from pathlib import Path
+
+        from .convert import llama_fields, read_state_dict
+
+        config = UniTokMLLMConfig(**{**llama_fields(Path(path) / "config.json"), **image_side})
+        model = cls(config)
+        state = {k: v for k, v in read_state_dict(path).items() if not k.endswith("rotary_emb.inv_freq")}
+        own = model.state_dict()
+        bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+        if bad:
+            raise ValueError(f"{path} is not a Llama checkpoint matching its config: {bad[:5]}")
+        if not any(k.startswith("model.layers.") for k in state):
+            raise ValueError(f"{path} holds no Llama decoder layers (model.layers.*)")
+        model.load_state_dict(state, strict=False)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        if unitok is not None:
+            model.load_tokenizer_weights(unitok)
+        return model
+
+    def load_tokenizer_weights(self, unitok) -> None:
+        """Initialise the code embedder from a UniTok tokenizer, as the reference's ``initialize_embedder``:
+        the quantiser codebooks, and the attention projection from the tokenizer's ``post_quant_proj``."""
+        cfg = self.config
+        tcfg = unitok.config
+        if (tcfg.num_codebooks, tcfg.codebook_size, tcfg.latent_dim) != (cfg.num_codebooks, cfg.codebook_size,
+                                                                           cfg.code_width):
+            raise ValueError(f"tokenizer codes (K={tcfg.num_codebooks}, {tcfg.codebook_size} entries, latent "
+                             f"{tcfg.latent_dim}) do not match the MLLM config (K={cfg.num_codebooks}, "
+                             f"{cfg.codebook_size} entries, width {cfg.code_width})")
+        self.code_embedder.quantizer.load_state_dict(unitok.quantizer.state_dict())
+        try:
+            self.code_embedder.attn_projection.load_state_dict(unitok.post_quant_proj.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"the tokenizer's post_quant_proj does not fit the code embedder's projection "
+                             f"({cfg.code_width}->{cfg.projection_dim}, {cfg.projection_heads} heads): {e}") from None
+
+
+__all__ = ["UniTokMLLM", "UniTokMLLMOutput", "CodeEmbedder", "DepthHead", "IGNORE_INDEX"]
