@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract-codes": ("train.data.extract", "precompute UniTok codes of a dataset (parquet shards, resumable)"),
     "chat": ("mllm.cli:chat_command", "multi-turn chat about images with a UniTok MLLM"),
     "generate": ("mllm.cli:generate_command", "text-to-image with a UniTok MLLM (PNGs + grid)"),
+    "train": ("train.mllm.cli:train_command", "train the MLLM from a YAML recipe (pretraining, instruction tuning)"),
+    "merge-lora": ("train.mllm.cli:merge_lora_command", "merge a LoRA adapter into its base model"),
     "convert-mllm": ("mllm.convert", "convert released UniTok-MLLM weights to this project's format"),
 }
 

@@ -62,6 +62,15 @@ class UniTokMLLMConfig(LlamaConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
+def image_side_from_tokenizer(tokenizer_config) -> dict:
+    """The image-side config fields that make the MLLM read a given UniTok tokenizer's codes (and lets its
+    ``post_quant_proj`` initialise the code embedder's projection)."""
+    t = tokenizer_config
+    return dict(num_codebooks=t.num_codebooks, codebook_size=t.codebook_size,
+                code_dim=t.latent_dim // t.num_codebooks, projection_dim=t.width,
+                projection_heads=t.attn_projection_heads, image_positions=t.num_positions)
+
+
 # Named configurations. Image sides match a tokenizer preset (tokenizer/config.py): `tiny` -> tokenizer `tiny`
 # (K=8 x 256 entries, latent 64, 4x4 positions), the others -> `unitok-large` (K=8 x 4096, latent 64, 16x16).
 PRESETS: dict[str, dict] = {

@@ -52,9 +52,17 @@ class CodeEmbedder(nn.Module):
                                           nn.Linear(config.projection_dim, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
 
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[M, K, N]`` -> ``[M, N, K·code_dim]``: each book's rows l2-normalised, books concatenated in order
+        (the quantiser's ``idx_to_f``, through the embedding modules so that ZeRO-3 gathers their weights)."""
+        self.quantizer.check_codes(codes)
+        books = self.quantizer.codebooks
+        return torch.cat([F.normalize(book.codebook(codes[:, i].long()).float(), dim=-1)
+                          for i, book in enumerate(books)], dim=-1)
+
     def forward(self, codes: torch.Tensor, cache: ProjectionCache | None = None) -> torch.Tensor:
         """``cache`` makes positions fed one at a time (generation) embed exactly as a whole image (training)."""
-        f = self.quantizer.idx_to_f(codes).to(self.mm_projector[1].weight.dtype)
+        f = self.lookup(codes).to(self.mm_projector[1].weight.dtype)
         return self.mm_projector(self.attn_projection(f, cache))
 
 
@@ -246,6 +254,8 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, image_codes)
+        if labels is not None and use_cache is None:
+            use_cache = False  # training: no cache, so packed rows (restarting position_ids) get a block mask
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state

@@ -1,0 +1,174 @@
+"""Atomic, resumable checkpoints.
+
+Layout: ``<root>/step-00001000/`` holds whatever the trainer writes (model via ``save_pretrained``, ``*.pt`` states,
+``meta.json``). A checkpoint is first written to ``<root>/.tmp-step-00001000`` and renamed into place only once every
+rank has finished writing, so a crash mid-save never leaves a directory that looks complete: anything named
+``step-*`` is whole. Older checkpoints beyond ``keep_last`` are deleted after the rename.
+
+All ranks call :meth:`CheckpointManager.save` (each rank may write its own files, e.g. its RNG state); only the main
+process creates, renames and prunes directories. Multi-node training needs ``root`` on a shared filesystem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _noop() -> None:
+    return None
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 3, is_main: bool = True,
+                 barrier: Callable[[], None] = _noop) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.is_main = is_main
+        self.barrier = barrier
+
+    @staticmethod
+    def dir_name(step: int) -> str:
+        return f"step-{step:08d}"
+
+    def list(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, path), oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        items = self.list()
+        return items[-1][1] if items else None
+
+    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step`` through ``write(tmp_dir)`` (called on every rank) and publish it atomically."""
+        final = self.root / self.dir_name(step)
+        tmp = self.root / f".tmp-{self.dir_name(step)}"
+        if self.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left over from a crash during an earlier save
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        self.barrier()
+        write(tmp)
+        self.barrier()
+        if self.is_main:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **(meta or {})}, indent=2) + "\n")
+            _fsync_tree(tmp)
+            if final.exists():  # saving the same step again (e.g. the final save right after a periodic one)
+                trash = self.root / f".old-{final.name}"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self.prune()
+        self.barrier()
+        return final
+
+    def prune(self) -> None:
+        for _, path in self.list()[:-self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resolve(self, spec: str) -> Path | None:
+        """``--resume`` argument -> checkpoint dir.
+
+        ``auto``: the latest checkpoint under ``root`` or None (fresh start); ``latest``: the same but an error when
+        there is none; otherwise a path to a checkpoint dir, or to a directory holding ``step-*`` checkpoints.
+        """
+        if spec in ("auto", "latest"):
+            path = self.latest()
+            if path is None and spec == "latest":
+                raise FileNotFoundError(f"--resume latest: no checkpoint found under {self.root}")
+            return path
+        path = Path(spec)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume: checkpoint directory not found: {path}")
+        if (path / "meta.json").is_file():
+            return path
+        inner = CheckpointManager(path).latest() or CheckpointManager(path / "checkpoints").latest()
+        if inner is None:
+            raise FileNotFoundError(f"--resume: {path} is neither a checkpoint (no meta.json) nor holds step-* checkpoints")
+        return inner
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush file contents before the rename makes the checkpoint visible (so a power loss cannot publish garbage)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- torch.save helpers
+def save_state(obj: Any, path: str | Path) -> None:
+    torch.save(obj, path)
+
+
+def load_state(path: str | Path) -> Any:
+    # weights_only=True: checkpoint states hold tensors, numbers, strings and containers only (see capture_rng_state).
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) generator states, in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,95 @@
+"""Typed MLLM training recipe (``unitok train --config configs/recipes/<name>.yaml``).
+
+Sections: ``model`` (where the weights come from, what is frozen), ``data`` (:class:`train.data.config.MLLMDataConfig`),
+``lora``, ``optim``, ``train`` (loop, checkpoints, launch). Stages are recipes, e.g.
+
+* projector alignment: ``model.freeze: ["model.", "lm_head."]`` (backbone frozen; code embedder and depth head train);
+* pretraining on a mixture: nothing frozen, ``data.sources`` mixes captions both ways and text;
+* instruction tuning: ``model.pretrained`` = the pretraining export, chat data, optionally ``lora.enabled``.
+
+Every key can be overridden on the command line as ``section.key=value`` (YAML value).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from train.common.config import load_config
+from train.data.config import MLLMDataConfig
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    # exactly one of: a preset (random init), our save_pretrained folder, or a Llama-architecture checkpoint folder
+    preset: str | None = None
+    pretrained: str | None = None
+    llama: str | None = None
+    tokenizer: str | None = None  # UniTok: initialises the code embedder; encodes raw images of the data
+    text_tokenizer: str | None = None  # folder for AutoTokenizer (default: pretrained / llama folder)
+    overrides: dict[str, Any] = field(default_factory=dict)  # UniTokMLLMConfig fields (preset / llama init)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept frozen
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("preset", "pretrained", "llama") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of model.preset / model.pretrained / model.llama (got {given or 'none'})")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))  # in the backbone only
+    full_modules: list[str] = field(default_factory=lambda: ["code_embedder", "depth_head"])  # trained fully
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables (written explicitly into DeepSpeed configs, whose default is 1.0)
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    output_dir: str = "runs/mllm"
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed: str | None = None  # a configs/deepspeed/*.json; "auto" fields are filled from this recipe
+    tensorboard: bool = True
+    wandb: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class MLLMTrainConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> "MLLMTrainConfig":
+        return load_config(cls, path, overrides)

@@ -1,0 +1,354 @@
+"""MLLM training loop on accelerate (DDP, or DeepSpeed ZeRO-2/3 from a JSON config), composed of small pieces:
+
+    build_model      weights from a preset / our folder / a Llama checkpoint; code embedder from the UniTok tokenizer
+    freeze / LoRA    parameter-name prefixes frozen; peft adapters on the backbone, embedder and depth head fully trained
+    build_accelerator  mixed precision, gradient accumulation, DeepSpeed config with every "auto" filled explicitly
+    MLLMTrainer      one optimiser step = grad_accum micro-batches from MLLMDataLoader; atomic checkpoints with the
+                     model, optimiser, scheduler, RNG states and the exact data position; export at the end
+
+Resume is exact: a run restarted from a checkpoint sees the same batches and RNG streams as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+import torch
+from torch import nn
+
+from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
+from mllm.configuration import image_side_from_tokenizer
+from train.common.checkpoint import CheckpointManager, capture_rng_state, load_state, read_meta, restore_rng_state, \
+    save_state
+from train.common.config import save_yaml
+from train.common.optim import build_adamw
+from train.common.schedule import warmup_cosine_scheduler
+from train.common.tracking import MetricsWriter, progress_bar
+from train.data.loader import MLLMDataLoader
+
+from .config import MLLMTrainConfig
+
+logger = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+# ================================================================================================ model
+def attn_implementation(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def build_model(cfg: MLLMTrainConfig):
+    """-> (model, processor, unitok or None)."""
+    from transformers import AutoTokenizer
+
+    from tokenizer import UniTok
+
+    m = cfg.model
+    unitok = UniTok.from_pretrained(m.tokenizer).eval() if m.tokenizer else None
+    text_dir = m.text_tokenizer or m.pretrained or m.llama
+    if text_dir is None:
+        raise ValueError("model.text_tokenizer is required with model.preset (a folder AutoTokenizer can read)")
+    text_tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    attn = attn_implementation(m.attn_implementation)
+    if m.pretrained:
+        model = UniTokMLLM.from_pretrained(m.pretrained, attn_implementation=attn, dtype=torch.float32)
+    else:
+        image_side = image_side_from_tokenizer(unitok.config) if unitok is not None else {}
+        if m.llama:
+            model = UniTokMLLM.from_llama(m.llama, unitok=unitok, **{**image_side, **m.overrides})
+        else:
+            config = UniTokMLLMConfig.from_preset(m.preset, **{"vocab_size": len(text_tokenizer), **image_side,
+                                                                **m.overrides})
+            model = UniTokMLLM(config)
+            if unitok is not None:
+                model.load_tokenizer_weights(unitok)
+        model.config._attn_implementation = attn
+    model.config.use_cache = False
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    processor = MLLMProcessor(text_tokenizer, model.config, max_length=cfg.data.max_tokens)
+    return model, processor, unitok
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"model.freeze: no parameter starts with {prefix!r} (e.g. 'model.', 'lm_head.', "
+                             f"'code_embedder.', 'depth_head.')")
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in prefixes):
+            p.requires_grad_(False)
+
+
+def lora_config(cfg: MLLMTrainConfig):
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    # adapters on the backbone's projections only: the depth head has layers with the same names
+    target = rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(lc.target_modules)})"
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=target,
+                      modules_to_save=list(lc.full_modules) or None, bias="none")
+
+
+def apply_lora(model: UniTokMLLM, cfg: MLLMTrainConfig):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(cfg))
+    for p in peft_model.base_model.model.code_embedder.quantizer.parameters():
+        p.requires_grad_(False)  # a modules_to_save copy of the embedder must keep the codebooks frozen
+    return peft_model
+
+
+# ================================================================================================ launch
+def deepspeed_plugin(cfg: MLLMTrainConfig, world_size: int):
+    """The JSON config with every ``"auto"`` replaced by this recipe's value (accelerate cannot infer them here:
+    batches come from our own loader), and gradient clipping always explicit (DeepSpeed defaults to 1.0)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = Path(cfg.train.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed: no DeepSpeed config at {path}")
+    ds = json.loads(path.read_text())
+    micro = cfg.data.batch_size
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = micro * cfg.train.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    bf16 = resolve_precision(cfg) == "bf16"
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds.pop("fp16", None)
+    zero = ds.setdefault("zero_optimization", {})  # bucket-size "auto"s: accelerate fills them from hidden_size
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        ds["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW works with offload
+    return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def resolve_precision(cfg: MLLMTrainConfig) -> str:
+    mp = cfg.train.mixed_precision
+    return ("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp
+
+
+def build_accelerator(cfg: MLLMTrainConfig):
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # text-only batches skip the head
+    plugin = None
+    if cfg.train.deepspeed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        plugin = deepspeed_plugin(cfg, world)
+        if not torch.cuda.is_available():
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            import importlib
+
+            # the shared-memory all-reduce op (inference only) costs a 30 s JIT build on CPU: skip it
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    return Accelerator(mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.grad_accum,
+                       deepspeed_plugin=plugin, kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+# ================================================================================================ trainer
+class MLLMTrainer:
+    def __init__(self, cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None) -> None:
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.acc = accelerator if accelerator is not None else build_accelerator(cfg)
+        set_seed(cfg.train.seed)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.acc.is_main_process,
+                                      self.acc.wait_for_everyone)
+        resume_path = self.ckpt.resolve(resume) if resume else None
+        model, self.processor, self.unitok = build_model(cfg)
+        if self.unitok is not None:
+            self.unitok.to(self.acc.device)
+        freeze(model, cfg.model.freeze)
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg)
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.total_params = sum(p.numel() for p in model.parameters())
+        opt = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas), cfg.optim.eps)
+        sched = warmup_cosine_scheduler(opt, cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
+        self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
+        self.loader = MLLMDataLoader(cfg.data, self.processor, rank=self.acc.process_index,
+                                     world_size=self.acc.num_processes, image_tokenizer=self.unitok)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.history: list[dict[str, float]] = []
+        if resume_path is not None:
+            self._load(resume_path)
+        self.writer = MetricsWriter(self.out_dir / "logs", enabled=self.acc.is_main_process,
+                                    tensorboard=cfg.train.tensorboard)
+        self.wandb = None
+        if cfg.train.wandb and self.acc.is_main_process:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="unitok-mllm", dir=str(self.out_dir), resume="allow")
+            except ImportError:
+                logger.warning("train.wandb is on but wandb is not installed: logging to TensorBoard only")
+
+    # -------------------------------------------------------------------------------------------- one step
+    def train_step(self, batches) -> dict[str, float]:
+        """grad_accum micro-batches -> one optimiser step. Returns rank-averaged metrics."""
+        sums = torch.zeros(5, device=self.acc.device)  # loss, text, image, text targets, image targets
+        counts = {"tokens": 0, "samples": 0}
+        for _ in range(self.cfg.train.grad_accum):
+            batch = next(batches)
+            c = batch.pop("counts")
+            counts["tokens"] += c["tokens"]
+            counts["samples"] += c["samples"]
+            batch = {k: v.to(self.acc.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            with self.acc.accumulate(self.model):
+                out = self.model(**batch, use_cache=False)
+                self.acc.backward(out.loss)
+                if self.acc.sync_gradients and self.cfg.optim.grad_clip > 0 and not self._deepspeed:
+                    self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+                self.opt.step()
+                if self.acc.sync_gradients:
+                    self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+            sums += torch.stack([out.loss.detach().float(),
+                                 (out.text_loss if out.text_loss is not None else out.loss.new_zeros(())).detach().float(),
+                                 (out.image_loss if out.image_loss is not None else out.loss.new_zeros(())).detach().float(),
+                                 out.loss.new_tensor(float(c["text_targets"])),
+                                 out.loss.new_tensor(float(c["image_targets"]))])
+        sums = self.acc.reduce(sums, "sum")
+        n = self.cfg.train.grad_accum * self.acc.num_processes
+        tokens = self.acc.reduce(torch.tensor(float(counts["tokens"]), device=self.acc.device), "sum")
+        return {"loss": (sums[0] / n).item(), "text_loss": (sums[1] / n).item(), "image_loss": (sums[2] / n).item(),
+                "text_targets": sums[3].item(), "image_targets": sums[4].item(), "tokens": tokens.item(),
+                "lr": self.sched.get_last_lr()[0]}
+
+    @property
+    def _deepspeed(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.acc.distributed_type == DistributedType.DEEPSPEED
+
+    def fit(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        if self.acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.out_dir / "config.yaml")
+            global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.acc.num_processes
+            unit = "packed rows" if cfg.data.batching == "pack" else "samples"
+            logger.info("processes %d (%s), micro-batch %d %s x grad_accum %d -> %d %s per step%s",
+                        self.acc.num_processes, self.acc.distributed_type, cfg.data.batch_size, unit,
+                        cfg.train.grad_accum, global_batch, unit,
+                        f" (<= {global_batch * cfg.data.max_tokens} tokens)" if cfg.data.batching == "pack" else "")
+            logger.info("parameters: %.2fM trainable of %.2fM", self.trainable / 1e6, self.total_params / 1e6)
+            logger.info("data:\n%s", self.loader.describe())
+        bar = progress_bar(cfg.train.steps, self.step, enabled=self.acc.is_main_process and cfg.train.progress,
+                           desc="train")
+        batches = iter(self.loader)
+        self.model.train()
+        window_tokens, window_t0 = 0.0, time.perf_counter()
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            metrics = self.train_step(batches)
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            window_tokens += metrics["tokens"]
+            metrics["step"] = self.step
+            self.history.append(metrics)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                elapsed = max(time.perf_counter() - window_t0, 1e-9)
+                metrics["tokens_per_s"] = window_tokens / elapsed
+                window_tokens, window_t0 = 0.0, time.perf_counter()
+                metrics.update({f"data/{k}": v for k, v in self.loader.stats.as_dict().items()})
+                self.writer.scalars(self.step, {k: v for k, v in metrics.items() if k != "step"}, prefix="train/")
+                if self.wandb is not None:
+                    self.wandb.log(metrics, step=self.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
+                                image=f"{metrics['image_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
+                t = time.perf_counter()
+                self.save_checkpoint()
+                window_t0 += time.perf_counter() - t
+        bar.close()
+        self.save_checkpoint()
+        self.export(self.out_dir / "final")
+        self.writer.close()
+        return self.history
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        rank = self.acc.process_index
+
+        def write(tmp: Path) -> None:
+            self.acc.save_state(str(tmp / "accelerate"))
+            save_state({"rng": capture_rng_state(), "data": self.loader.state_dict()}, tmp / f"rank{rank:05d}.pt")
+
+        path = self.ckpt.save(self.step, write, meta={"train_seconds": self.train_seconds,
+                                                      "world_size": self.acc.num_processes})
+        logger.info("saved checkpoint %s", path)
+        return path
+
+    def _load(self, path: Path) -> None:
+        meta = read_meta(path)
+        if meta.get("world_size", 1) != self.acc.num_processes:
+            raise ValueError(f"checkpoint {path} was written by {meta.get('world_size')} processes; this run has "
+                             f"{self.acc.num_processes} (resume with the same number)")
+        self.acc.load_state(str(path / "accelerate"))
+        state = load_state(path / f"rank{self.acc.process_index:05d}.pt")
+        self.loader.load_state_dict(state["data"])
+        restore_rng_state(state["rng"])
+        self.step = int(meta["step"])
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def export(self, path: Path) -> Path:
+        """Our ``save_pretrained`` folder (+ text tokenizer). LoRA runs also keep the adapter under ``adapter/``
+        and export the merged model."""
+        from tokenizer.checkpoint import atomic_write_dir
+
+        state = self.acc.get_state_dict(self.model)  # gathers ZeRO-3 shards
+        model = self.acc.unwrap_model(self.model)
+        if self.acc.is_main_process:
+            def write(tmp: Path) -> None:
+                if self.cfg.lora.enabled:
+                    model.save_pretrained(tmp / "adapter", state_dict=state)
+                    merged = merge_lora_state(model.base_model.model.config, state, self.cfg)
+                    merged.save_pretrained(tmp)
+                else:
+                    model.save_pretrained(tmp, state_dict=state)
+                self.processor.tokenizer.save_pretrained(tmp)
+
+            atomic_write_dir(path, write)
+            logger.info("exported %s", path)
+        self.acc.wait_for_everyone()
+        return path
+
+
+def merge_lora_state(config: UniTokMLLMConfig, state: dict[str, torch.Tensor], cfg: MLLMTrainConfig) -> UniTokMLLM:
+    """A plain model from a full PEFT state dict (base weights + adapters), merged on CPU in float32."""
+    base = UniTokMLLM(config)
+    peft_model = apply_lora(base, cfg)
+    missing, unexpected = peft_model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k]:
+        raise ValueError(f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return peft_model.merge_and_unload()
+
+
+def train(cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None) -> list[dict[str, float]]:
+    return MLLMTrainer(cfg, resume=resume, accelerator=accelerator).fit()
+
+
+__all__ = ["MLLMTrainer", "train", "build_model", "build_accelerator", "apply_lora", "lora_config", "freeze",
+           "merge_lora_state", "deepspeed_plugin"]
