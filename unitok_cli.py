@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("train.demo", "the whole system in a toy world on a CPU: train, chat, draw, score (cached)"),
     "encode": ("tokenizer.cli:encode", "images -> UniTok codes (safetensors)"),
     "decode": ("tokenizer.cli:decode", "UniTok codes -> PNG images"),
     "train-tokenizer": ("train.tokenizer.cli", "train a UniTok tokenizer from a YAML config"),
@@ -20,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mllm.cli:generate_command", "text-to-image with a UniTok MLLM (PNGs + grid)"),
     "train": ("train.mllm.cli:train_command", "train the MLLM from a YAML recipe (pretraining, instruction tuning)"),
     "merge-lora": ("train.mllm.cli:merge_lora_command", "merge a LoRA adapter into its base model"),
+    "eval": ("eval.cli", "score a model: `unitok eval shapes --model DIR --tokenizer PATH`"),
     "convert-mllm": ("mllm.convert", "convert released UniTok-MLLM weights to this project's format"),
 }
 

@@ -244,3 +244,87 @@ def test_gan_schedule_and_reconstruction_losses():
     y = torch.full((2, 3, 4, 4), 0.5)
     losses = reconstruction_losses(x, y)
     assert losses["l1"].item() == pytest.approx(0.5) and losses["l2"].item() == pytest.approx(0.25)
+
+
+# ================================================================================================ shapes world
+def test_shapes_source_is_deterministic_exact_and_resumable():
+    from eval.shapes import world as W
+    from train.tokenizer.data import ShapesDataset, to_tensor
+
+    ds = ShapesDataset(1000, "train", seed=3)
+    again, other = ShapesDataset(1000, "train", seed=3), ShapesDataset(1000, "train", seed=4)
+    for i in (0, 1, 999):
+        rec = ds[i]
+        assert ds.scene(i) == again.scene(i) and W.scene_split(ds.scene(i)) == "train"
+        assert np.array_equal(np.asarray(rec["image"]), np.asarray(W.render(ds.scene(i))))
+        assert rec["text"] == W.captions(ds.scene(i)) and rec["__key__"] == ds.scene(i).id
+    assert [ds.scene(i) for i in range(20)] != [other.scene(i) for i in range(20)]
+    test_layouts = {W.layout_key(s.objects) for s in W.generate_split("test", 200, seed=0)}
+    assert not test_layouts & {W.layout_key(ds.scene(i).objects) for i in range(300)}
+    with pytest.raises(IndexError):
+        ds.scene(1000)
+
+    cfg = DataConfig(format="shapes", shapes_scenes=50, shapes_seed=3, num_workers=0)
+    with pytest.raises(ValueError, match="leave data.paths empty"):
+        build_source(DataConfig(format="shapes", paths=["x"]))
+    stream = build_stream(cfg, 64, batch_size=4, seed=0)
+    assert stream.source.format == "shapes" and len(stream.source) == 50
+    batches = iter(stream)
+    first = next(batches)
+    # exact renders (no crop), one of the scene's captions
+    order = stream._epoch_order(0)
+    for j in range(4):
+        scene = ShapesDataset(50, "train", 3).scene(int(order[j]))
+        assert torch.equal(first["images"][j], to_tensor(W.render(scene)))
+        assert first["texts"][j] in W.captions(scene)
+    state = json.loads(json.dumps(stream.state_dict()))
+    expected = next(batches)
+    resumed = build_stream(cfg, 64, batch_size=4, seed=0)
+    resumed.load_state_dict(state)
+    got = next(iter(resumed))
+    assert got["texts"] == expected["texts"] and torch.equal(got["images"], expected["images"])
+
+
+def test_shapes_training_logs_held_out_psnr(tmp_path):
+    """The demo recipe's switches: shapes data, no CLIP (text tower skipped), no GAN, held-out PSNR in the logs."""
+    out = tmp_path / "run"
+    cfg = TokenizerTrainConfig.load(TINY, ["data.format=shapes", "data.num_workers=0", f"train.output_dir={out}",
+                                           "loss.clip=0", "disc.enabled=false", "train.steps=6", "train.batch_size=4",
+                                           "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
+                                           "model.grad_checkpointing=false", "train.grid_every=3"])
+    hist = train(cfg)
+    assert all(h["clip"] == 0.0 for h in hist) and all("d_loss" not in h for h in hist)
+    evals = [r for r in read_jsonl_metrics(out / "logs" / "metrics.jsonl") if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert evals[0]["eval/train_time_s"] == 0.0 < evals[1]["eval/train_time_s"] < evals[2]["eval/train_time_s"]
+    assert all(5.0 < r["eval/psnr"] < 60.0 for r in evals) and evals[-1]["eval/psnr"] > evals[0]["eval/psnr"]
+    # the text tower got no gradient, so no update: it equals the initial weights
+    from tokenizer import UniTok
+
+    trained = UniTok.from_pretrained(out / "model")
+    from train.tokenizer.trainer import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    init = build_model(cfg)
+    for name, p in trained.text_encoder.state_dict().items():
+        assert torch.equal(p, init.text_encoder.state_dict()[name]), name
+    # resume keeps the training clock
+    hist2 = train(TokenizerTrainConfig.load(TINY, [*[f"{k}" for k in (
+        "data.format=shapes", "data.num_workers=0", f"train.output_dir={out}", "loss.clip=0", "disc.enabled=false",
+        "train.steps=8", "train.batch_size=4", "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
+        "model.grad_checkpointing=false")]]), resume="latest")
+    assert [h["step"] for h in hist2] == [7, 8]
+    from train.common.schedule import WarmupCosine
+
+    # the longer train.steps of the resumed run sets the schedule (not the checkpoint's 6-step cosine)
+    assert hist2[0]["lr"] == pytest.approx(cfg.optim.lr * WarmupCosine(8, 0, cfg.optim.min_lr_ratio)(6))
+    evals = [r for r in read_jsonl_metrics(out / "logs" / "metrics.jsonl") if "eval/psnr" in r]
+    assert evals[-1]["step"] == 8 and evals[-1]["eval/train_time_s"] > evals[2]["eval/train_time_s"]
+
+
+def test_disc_start_step_overrides_the_fraction():
+    cfg = TokenizerTrainConfig.load(TINY, ["train.steps=100", "disc.start_step=7"])
+    assert cfg.disc_start_step == 7
+    assert TokenizerTrainConfig.load(TINY, ["train.steps=100"]).disc_start_step == 50
+    with pytest.raises(ConfigError, match="disc.start_step must be >= 0"):
+        TokenizerTrainConfig.load(TINY, ["disc.start_step=-1"])

@@ -11,37 +11,20 @@ import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
+from train.common.cli import add_train_arguments, run_training
+
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/recipes/demo-pretrain.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="overrides such as train.steps=100 optim.lr=1e-4 (values are YAML)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|auto|PATH",
-                        help="continue from a checkpoint under train.output_dir/checkpoints ('latest', or 'auto' = "
-                             "latest if any, else start fresh) or from a path")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_train_arguments(parser, "configs/recipes/demo-pretrain.yaml")
 
 
 def _train(args: argparse.Namespace) -> int:
-    import yaml
-
-    from train.common.config import to_dict
-    from train.tokenizer.cli import _setup_logging
-
     from .config import MLLMTrainConfig
-
-    cfg = MLLMTrainConfig.load(args.config, args.overrides)
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    _setup_logging()
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     from .trainer import train
 
-    with logging_redirect_tqdm():
-        history = train(cfg, resume=args.resume)
-    if history:
+    result = run_training(args, MLLMTrainConfig.load, train, data_loggers=("train.data.loader",))
+    if result and result[1]:
+        cfg, history = result
         print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f} -> {Path(cfg.train.output_dir) / 'final'}")
     return 0
 

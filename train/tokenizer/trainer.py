@@ -512,12 +512,28 @@ class TokenizerTrainer:
             self.opt.load_state_dict(state["optimizer"])
             if self.disc is not None:
                 self.disc_opt.load_state_dict(state["disc_optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        _load_schedule(self.sched, state["scheduler"], "generator")
         if self.disc_sched is not None:
-            self.disc_sched.load_state_dict(state["disc_scheduler"])
+            _load_schedule(self.disc_sched, state["disc_scheduler"], "discriminator")
         rank_state = load_state(path / f"rank{self.acc.process_index:05d}.pt")
         self.stream.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])
+
+
+def _load_schedule(sched: torch.optim.lr_scheduler.LambdaLR, state: dict[str, Any], what: str) -> None:
+    """Restore the step counter; the schedule's shape (total steps, warmup) follows *this* run's config, so a run
+    resumed with a larger ``train.steps`` really trains longer (``LambdaLR.load_state_dict`` alone would bring back
+    the checkpoint's schedule objects)."""
+    current = [dict(vars(f)) for f in sched.lr_lambdas]
+    sched.load_state_dict(state)
+    for f, settings in zip(sched.lr_lambdas, current):
+        if vars(f) != settings:
+            logger.warning("%s LR schedule changed on resume: %s -> %s (continuing with the new one)", what,
+                           {k: v for k, v in vars(f).items() if settings.get(k) != v},
+                           {k: v for k, v in settings.items() if vars(f).get(k) != v})
+            vars(f).update(settings)
+            for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(sched.last_epoch)
 
 
 def train(cfg: TokenizerTrainConfig, resume: str | None = None, accelerator=None) -> list[dict[str, float]]:

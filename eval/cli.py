@@ -1,0 +1,20 @@
+"""``unitok eval <benchmark> ...``: scoring entry points (``shapes``: the toy world's PSNR / VQA / GenEval table)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {"shapes": ("eval.shapes.evaluate", "tokenizer PSNR, VQA accuracy and GenEval-style scores in the "
+                                                 "shapes world")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args)

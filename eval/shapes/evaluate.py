@@ -1,0 +1,165 @@
+"""Score a tokenizer + MLLM pair on the shapes world: tokenizer PSNR, VQA accuracy, GenEval-style generation.
+
+``unitok eval shapes --model DIR --tokenizer PATH [--scenes 200 --prompts-per-tag 20 --images-per-prompt 1]``
+runs the same scoring the demo prints, on any checkpoint whose tokenizer works at the world's 64 px.
+
+The VQA prompt is the chat template with ``<image>\\n<question> Answer the question using a single word or phrase.``
+(LLaVA's short-answer suffix), decoded greedily; answers are scored with the official VQA normalisation.
+Generation follows GenEval: every prompt gets ``images_per_prompt`` samples (seeded), each image is scored by the
+world's exact detector under GenEval's per-tag rules, and the overall score is the mean of the per-tag accuracies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mllm.generation import ImageSampling, TextSampling, generate_images, generate_text_ids, left_pad
+
+from . import world as W
+from .geneval import score_image, summarize
+from .vqa import score_vqa
+
+VQA_SUFFIX = " Answer the question using a single word or phrase."
+
+
+def vqa_messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": f"<image>\n{question}{VQA_SUFFIX}"}]
+
+
+def images_tensor(scenes: list[W.Scene], size: int) -> torch.Tensor:
+    """Rendered scenes as ``[B, 3, size, size]`` in [-1, 1]."""
+    arr = np.stack([W.render_array(s, size) for s in scenes]).astype(np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1)
+
+
+@torch.no_grad()
+def encode_scenes(unitok, scenes: list[W.Scene], batch_size: int = 64) -> torch.Tensor:
+    size = unitok.config.image_size
+    device = next(unitok.parameters()).device
+    return torch.cat([unitok.encode(images_tensor(scenes[i:i + batch_size], size).to(device)).cpu()
+                      for i in range(0, len(scenes), batch_size)])
+
+
+@torch.no_grad()
+def tokenizer_psnr(unitok, scenes: list[W.Scene], batch_size: int = 64) -> float:
+    """Mean per-image PSNR (dB, pixels in [0, 1]) of encode -> decode on rendered scenes."""
+    size = unitok.config.image_size
+    device = next(unitok.parameters()).device
+    values = []
+    for i in range(0, len(scenes), batch_size):
+        x = images_tensor(scenes[i:i + batch_size], size).to(device)
+        rec = unitok.decode(unitok.encode(x))
+        mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
+        values += (-10 * torch.log10(mse.clamp_min(1e-10))).tolist()
+    return float(np.mean(values))
+
+
+@torch.no_grad()
+def answer(model, processor, codes: torch.Tensor, questions: list[str], batch_size: int = 32,
+           max_new_tokens: int = 4) -> list[str]:
+    """Greedy short answers; ``codes[i]`` ``[K, N]`` is the image of ``questions[i]``. Batched with left padding."""
+    out = []
+    for i in range(0, len(questions), batch_size):
+        rows = [processor.chat_prompt(vqa_messages(q)) for q in questions[i:i + batch_size]]
+        ids, mask = left_pad(rows, processor.pad_token_id)
+        new = generate_text_ids(model, ids.to(model.device), codes[i:i + batch_size].to(model.device),
+                                TextSampling(max_new_tokens=max_new_tokens), eos_token_id=processor.eos_token_id,
+                                pad_token_id=processor.pad_token_id, attention_mask=mask.to(model.device))
+        out += [processor.decode(r) for r in new]
+    return out
+
+
+def evaluate_vqa(model, processor, unitok, scenes: list[W.Scene], batch_size: int = 32) -> dict[str, Any]:
+    codes = encode_scenes(unitok, scenes)
+    items = [(i, q) for i, s in enumerate(scenes) for q in W.questions(s)]
+    preds = answer(model, processor, codes[[i for i, _ in items]], [q["question"] for _, q in items], batch_size)
+    result = score_vqa(preds, [q for _, q in items])
+    result["examples"] = [{"scene": scenes[i].id, **q, "prediction": p} for (i, q), p in zip(items, preds)]
+    return result
+
+
+def evaluate_generation(model, processor, unitok, prompts: list[dict], images_per_prompt: int = 1,
+                        sampling: ImageSampling | None = None, seed: int = 0, batch_size: int = 16,
+                        out_dir: Path | None = None) -> dict[str, Any]:
+    """Generate, detect, score (GenEval rules). With ``out_dir``: GenEval's folder layout with the PNGs."""
+    from tokenizer.image import to_pil
+
+    sampling = sampling or ImageSampling(cfg_scale=3.0, temperature=1.0, top_k=0)
+    jobs = [(k, m, seed + 1000 * k + j) for k, m in enumerate(prompts) for j in range(images_per_prompt)]
+    results, images = [], []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        codes = generate_images(model, processor, [m["prompt"] for _, m, _ in batch], sampling,
+                                seeds=[s for _, _, s in batch])
+        with torch.no_grad():
+            pixels = unitok.decode(codes.to(next(unitok.parameters()).device)).cpu()
+        for (k, m, s), px in zip(batch, pixels):
+            img = to_pil(px)
+            images.append(px)
+            rec = score_image(img, m)
+            results.append({"prompt_index": k, "seed": s, **rec})
+            if out_dir is not None:
+                folder = out_dir / f"{k:05d}"
+                (folder / "samples").mkdir(parents=True, exist_ok=True)
+                (folder / "metadata.jsonl").write_text(json.dumps(m))
+                img.save(folder / "samples" / f"{s % 1000:04d}.png")
+    return {"summary": summarize(results), "results": results, "images": torch.stack(images) if images else None}
+
+
+# ---------------------------------------------------------------------------- CLI: unitok eval shapes
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="MLLM folder")
+    p.add_argument("--tokenizer", required=True, help="UniTok tokenizer (64 px for this world)")
+    p.add_argument("--scenes", type=int, default=200, help="test scenes for VQA and PSNR")
+    p.add_argument("--prompts-per-tag", type=int, default=20, help="GenEval-style prompts per tag (seed 43)")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for results.json and generated images")
+    p.add_argument("--device", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm.cli import load_mllm, load_unitok
+
+    model, processor = load_mllm(args.model, args.device)
+    unitok = load_unitok(args.tokenizer, model, model.device)
+    scenes = W.generate_split("test", args.scenes, seed=0)
+    prompts = W.geneval_prompts(args.prompts_per_tag)
+    out = Path(args.out) if args.out else None
+    t = time.perf_counter()
+    psnr = tokenizer_psnr(unitok, scenes)
+    vqa = evaluate_vqa(model, processor, unitok, scenes)
+    gen = evaluate_generation(model, processor, unitok, prompts, args.images_per_prompt,
+                              ImageSampling(args.cfg, args.temperature, args.top_k), args.seed,
+                              out_dir=out / "geneval" if out else None)
+    print(format_scores(psnr, vqa, gen["summary"]))
+    print(f"({time.perf_counter() - t:.0f} s)")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(
+            {"psnr": psnr, "vqa": {k: v for k, v in vqa.items() if k != "scores"}, "geneval": gen["summary"]},
+            indent=1))
+    return 0
+
+
+def format_scores(psnr: float, vqa: dict, gen: dict) -> str:
+    lines = [f"tokenizer PSNR (test images)     {psnr:6.2f} dB",
+             f"VQA accuracy (test questions)    {100 * vqa['accuracy']:6.1f} %   (n={vqa['n']})"]
+    lines += [f"    {t:<28} {100 * a:6.1f} %" for t, a in sorted(vqa["per_type"].items())]
+    lines.append(f"GenEval-style overall            {gen['overall']:6.3f}    ({gen['n_images']} images, "
+                 f"{gen['n_prompts']} prompts)")
+    lines += [f"    {t:<28} {a:6.3f}" for t, a in gen["per_task"].items()]
+    return "\n".join(lines)
+
+
+__all__ = ["tokenizer_psnr", "encode_scenes", "answer", "evaluate_vqa", "evaluate_generation", "format_scores",
+           "vqa_messages", "VQA_SUFFIX", "images_tensor"]

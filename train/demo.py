@@ -1,0 +1,307 @@
+"""``unitok demo``: the whole system, end to end, in the shapes world, on a CPU.
+
+Stages (each cached under ``--cache-dir``; a second run reuses every stage whose settings did not change):
+
+1. ``tokenizer``  train the UniTok ``tiny`` tokenizer on rendered world scenes (configs/tokenizer/demo.yaml);
+2. ``data``       encode the training scenes to codes, train a sentencepiece text tokenizer, write the MLLM data:
+                  caption pairs (both directions), prompt->image pairs for GenEval's six tags, VQA conversations;
+3. ``pretrain``   the tiny MLLM on captions both ways and text->image prompts (configs/recipes/demo-pretrain.yaml);
+4. ``instruct``   instruction tuning on VQA conversations, text->image kept in the mix (demo-instruct.yaml);
+5. ``eval``       tokenizer PSNR on test scenes, VQA accuracy on their questions, GenEval-style scores on the test
+                  prompt suite; a few answers, a PNG grid of generations, and the score table with stage times.
+
+``--size smoke`` runs every stage in seconds (the test suite does); ``--size full`` is the README's figure.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("unitok.demo")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    tokenizer_steps: int
+    train_scenes: int  # scenes with captions and questions
+    prompt_scenes: int  # extra prompt->image scenes per GenEval tag
+    pretrain_steps: int
+    instruct_steps: int
+    test_scenes: int
+    prompts_per_tag: int
+    batch_size: int = 16  # MLLM packed rows per step
+    max_tokens: int = 256
+
+
+SIZES = {
+    "smoke": DemoSize(tokenizer_steps=4, train_scenes=48, prompt_scenes=8, pretrain_steps=3, instruct_steps=3,
+                      test_scenes=6, prompts_per_tag=2, batch_size=2, max_tokens=256),
+    "small": DemoSize(tokenizer_steps=600, train_scenes=2000, prompt_scenes=400, pretrain_steps=300,
+                      instruct_steps=300, test_scenes=100, prompts_per_tag=10),
+    "full": DemoSize(tokenizer_steps=2000, train_scenes=8000, prompt_scenes=2000, pretrain_steps=1500,
+                     instruct_steps=1500, test_scenes=200, prompts_per_tag=20),
+}
+
+
+# ================================================================================================ caching
+class Stage:
+    """A cached stage: ``<cache>/<name>/`` plus ``stage.json`` holding the settings it was built with."""
+
+    def __init__(self, cache: Path, name: str, settings: dict) -> None:
+        self.dir, self.name, self.settings = cache / name, name, settings
+        self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def cached(self) -> float | None:
+        marker = self.dir / "stage.json"
+        if marker.is_file():
+            info = json.loads(marker.read_text())
+            if info.get("key") == self.key:
+                return float(info["seconds"])
+        return None
+
+    def run(self, fn) -> tuple[float, bool]:
+        seconds = self.cached()
+        if seconds is not None:
+            logger.info("stage %s: cached (%s)", self.name, self.dir)
+            return seconds, True
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        t = time.perf_counter()
+        fn(self.dir)
+        seconds = time.perf_counter() - t
+        (self.dir / "stage.json").write_text(json.dumps({"key": self.key, "settings": self.settings,
+                                                         "seconds": seconds}, default=str, indent=1))
+        return seconds, False
+
+
+# ================================================================================================ stages
+def train_tokenizer(out: Path, size: DemoSize, seed: int) -> None:
+    from train.tokenizer.config import TokenizerTrainConfig
+    from train.tokenizer.trainer import train
+
+    cfg = TokenizerTrainConfig.load(REPO / "configs" / "tokenizer" / "demo.yaml",
+                                    [f"train.steps={size.tokenizer_steps}", f"train.output_dir={out / 'run'}",
+                                     f"data.shapes_seed={seed}"])
+    train(cfg)
+    shutil.move(str(out / "run" / "model"), str(out / "model"))
+
+
+def texts_for_tokenizer(scenes, prompt_meta) -> list[str]:
+    from eval.shapes import world as W
+    from eval.shapes.evaluate import VQA_SUFFIX
+    from mllm.conversation import TEMPLATES
+
+    t = TEMPLATES["unitok"]
+    texts = [t.system, t.t2i_suffix.strip(), t.unconditional_prompt, VQA_SUFFIX.strip(), "USER: ASSISTANT:"]
+    for s in scenes:
+        texts += W.captions(s)
+        texts += [q["question"] + " " + q["answer"] for q in W.questions(s)]
+    texts += [m["prompt"] for m in prompt_meta]
+    return texts
+
+
+def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
+    """Codes of every training image, the text tokenizer, and the MLLM's JSONL sources."""
+    from eval.shapes import world as W
+    from eval.shapes.evaluate import VQA_SUFFIX, encode_scenes
+    from tokenizer import UniTok
+    from train.text_tokenizer import train_sentencepiece
+
+    unitok = UniTok.from_pretrained(tokenizer_dir).eval()
+    rng = np.random.default_rng(seed)
+    scenes = W.generate_split("train", size.train_scenes, seed=seed)
+    prompt_meta, prompt_scenes = [], []
+    for tag in W.GENEVAL_TAGS:
+        space = W.enumerate_prompts(tag)
+        for _ in range(size.prompt_scenes):
+            meta = space[int(rng.integers(len(space)))]
+            for _attempt in range(50):  # only training layouts
+                try:
+                    scene = W.scene_for_prompt(meta, rng, n_distractors=int(rng.integers(0, 2)))
+                except ValueError:  # no room for a distractor (e.g. four objects already)
+                    continue
+                if W.scene_split(scene) == "train":
+                    prompt_meta.append(meta)
+                    prompt_scenes.append(scene)
+                    break
+    codes = encode_scenes(unitok, scenes + prompt_scenes).tolist()
+    scene_codes, prompt_codes = codes[:len(scenes)], codes[len(scenes):]
+
+    train_sentencepiece(texts_for_tokenizer(scenes, prompt_meta), out / "text_tokenizer", vocab_size=640)
+    with open(out / "captions.jsonl", "w") as f:
+        for s, c in zip(scenes, scene_codes):
+            f.write(json.dumps({"id": s.id, "text": W.captions(s), "codes": c}) + "\n")
+    with open(out / "prompts.jsonl", "w") as f:
+        for s, m, c in zip(scenes, [W.t2i_prompts(s) for s in scenes], scene_codes):
+            for meta in m[:3]:
+                f.write(json.dumps({"id": s.id, "text": meta["prompt"], "codes": c}) + "\n")
+        for s, meta, c in zip(prompt_scenes, prompt_meta, prompt_codes):
+            f.write(json.dumps({"id": s.id, "text": meta["prompt"], "codes": c}) + "\n")
+    with open(out / "vqa.jsonl", "w") as f:
+        for s, c in zip(scenes, scene_codes):
+            qs = W.questions(s)
+            order = rng.permutation(len(qs))
+            # half single-question conversations (the eval format), half multi-turn over the same image
+            for chunk in ([[int(i)] for i in order[:3]] + [[int(i) for i in order[3:]]]):
+                if not chunk:
+                    continue
+                conv = []
+                for k, i in enumerate(chunk):
+                    q = qs[i]
+                    prefix = "<image>\n" if k == 0 else ""
+                    conv += [{"from": "human", "value": f"{prefix}{q['question']}{VQA_SUFFIX}"},
+                             {"from": "gpt", "value": q["answer"]}]
+                f.write(json.dumps({"id": s.id, "conversations": conv, "codes": [c]}) + "\n")
+
+
+def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, steps: int, size: DemoSize,
+               seed: int, init: str | None) -> None:
+    from train.mllm.config import MLLMTrainConfig
+    from train.mllm.trainer import train
+
+    overrides = [f"train.steps={steps}", f"train.output_dir={out / 'run'}", f"train.seed={seed}",
+                 f"optim.warmup_steps={min(50, steps // 10)}",
+                 f"data.seed={seed}", f"data.batch_size={size.batch_size}", f"data.max_tokens={size.max_tokens}",
+                 f"model.tokenizer={tokenizer_dir}", f"model.text_tokenizer={data_dir / 'text_tokenizer'}"]
+    if init:
+        overrides += ["model.preset=null", f"model.pretrained={init}"]
+    cfg = MLLMTrainConfig.load(REPO / "configs" / "recipes" / recipe, overrides)
+    cfg = replace(cfg, data=replace(cfg.data, sources=[
+        replace(s, paths=[str(data_dir / Path(p).name) for p in s.paths]) for s in cfg.data.sources]))
+    train(cfg)
+    shutil.move(str(out / "run" / "final"), str(out / "model"))
+
+
+def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
+    from eval.shapes import world as W
+    from eval.shapes.evaluate import evaluate_generation, evaluate_vqa, tokenizer_psnr
+    from mllm.cli import load_mllm, load_unitok
+    from mllm.generation import ImageSampling
+    from tokenizer.image import make_grid
+
+    model, processor = load_mllm(str(model_dir), device="cpu")
+    unitok = load_unitok(str(tokenizer_dir), model, model.device)
+    scenes = W.generate_split("test", size.test_scenes, seed=seed + 1)
+    t = time.perf_counter()
+    psnr = tokenizer_psnr(unitok, scenes)
+    vqa = evaluate_vqa(model, processor, unitok, scenes)
+    t_vqa = time.perf_counter() - t
+    prompts = W.geneval_prompts(size.prompts_per_tag)
+    t = time.perf_counter()
+    gen = evaluate_generation(model, processor, unitok, prompts, 1, ImageSampling(cfg_scale=3.0, temperature=0.0),
+                              seed=seed, out_dir=out / "geneval")
+    t_gen = time.perf_counter() - t
+    # the grid: the first generation of one prompt per tag, then more single/two-object prompts
+    picked = []
+    for tag in W.GENEVAL_TAGS:
+        picked += [i for i, r in enumerate(gen["results"]) if r["tag"] == tag][:4]
+    grid = make_grid(gen["images"][picked], ncols=4)
+    grid.resize((grid.width * 3, grid.height * 3), 0).save(out / "generations.png")  # nearest-neighbour x3
+    results = {"psnr": psnr, "vqa": {k: v for k, v in vqa.items() if k != "scores"},
+               "geneval": gen["summary"], "grid_prompts": [gen["results"][i]["prompt"] for i in picked],
+               "seconds": {"vqa": t_vqa, "geneval": t_gen}}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+# ================================================================================================ driver
+def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = None,
+             tokenizer: str | None = None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    cache.mkdir(parents=True, exist_ok=True)
+    times: dict[str, tuple[float, bool]] = {}
+    base = {"seed": seed}  # each stage's key: only what changes its output (and the keys of its inputs)
+    mllm = {"batch_size": size.batch_size, "max_tokens": size.max_tokens}
+    if tokenizer is None:
+        tok = Stage(cache, "tokenizer", {**base, "steps": size.tokenizer_steps,
+                                          "config": _digest(REPO / "configs/tokenizer/demo.yaml")})
+        times["tokenizer"] = tok.run(lambda d: train_tokenizer(d, size, seed))
+        tok_dir, tok_key = tok.dir / "model", tok.key
+    else:  # a given tokenizer (e.g. trained by an earlier demo): its weights identify it
+        tok_dir = Path(tokenizer)
+        tok_key = _digest(tok_dir / "model.safetensors")
+    data = Stage(cache, "data", {**base, "tokenizer": tok_key, "scenes": size.train_scenes,
+                                 "prompt_scenes": size.prompt_scenes})
+    times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed))
+    pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
+                                    "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml")})
+    times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
+                                                     size.pretrain_steps, size, seed, None))
+    ins = Stage(cache, "instruct", {**base, **mllm, "pretrain": pre.key, "steps": size.instruct_steps,
+                                    "recipe": _digest(REPO / "configs/recipes/demo-instruct.yaml")})
+    times["instruct"] = ins.run(lambda d: train_mllm(d, "demo-instruct.yaml", data.dir, tok_dir,
+                                                     size.instruct_steps, size, seed, str(pre.dir / "model")))
+    ev = Stage(cache, "eval", {**base, "instruct": ins.key, "test_scenes": size.test_scenes,
+                               "prompts_per_tag": size.prompts_per_tag})
+    times["eval"] = ev.run(lambda d: evaluate(d, ins.dir / "model", tok_dir, size, seed))
+    results = json.loads((ev.dir / "results.json").read_text())
+    results["stages"] = {k: {"seconds": s, "cached": c} for k, (s, c) in times.items()}
+    results["paths"] = {"tokenizer": str(tok_dir), "model": str(ins.dir / "model"),
+                        "grid": str(ev.dir / "generations.png")}
+    (cache / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def show_examples(results: dict, n: int = 6) -> str:
+    ex = results["vqa"].get("examples", [])
+    lines = ["Answers on test images (question -> model | truth):"]
+    for e in ex[:: max(1, len(ex) // n)][:n]:
+        lines.append(f"  {e['question']:<48} -> {e['prediction']!r:<10} | {e['answer']}")
+    return "\n".join(lines)
+
+
+def format_table(results: dict) -> str:
+    from eval.shapes.evaluate import format_scores
+
+    lines = [show_examples(results), "", format_scores(results["psnr"], results["vqa"], results["geneval"]), "",
+             "stage times (s):  " + "  ".join(f"{k} {v['seconds']:.0f}{'*' if v['cached'] else ''}"
+                                             for k, v in results["stages"].items())
+             + "   (* cached from an earlier run)",
+             f"total {sum(v['seconds'] for v in results['stages'].values()) / 60:.1f} min of compute;  "
+             f"grid of generations: {results['paths']['grid']}",
+             f"chat with it:  unitok chat --model {results['paths']['model']} --tokenizer "
+             f"{results['paths']['tokenizer']}"]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default="runs/demo", help="stages are cached here and reused by later runs")
+    p.add_argument("--size", choices=sorted(SIZES), default="full",
+                   help="smoke: seconds (tests); small: a few minutes; full: the README table")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--tokenizer", default=None, help="use this trained 64-px UniTok instead of training one")
+    for field in ("tokenizer_steps", "pretrain_steps", "instruct_steps", "train_scenes", "test_scenes",
+                  "prompts_per_tag"):
+        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help=f"override the size's {field}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.common.cli import setup_logging
+
+    setup_logging()
+    size = SIZES[args.size]
+    changes = {k: getattr(args, k) for k in ("tokenizer_steps", "pretrain_steps", "instruct_steps", "train_scenes",
+                                             "test_scenes", "prompts_per_tag") if getattr(args, k) is not None}
+    size = replace(size, **changes)
+    t = time.perf_counter()
+    results = run_demo(Path(args.cache_dir), size, args.seed, args.threads, args.tokenizer)
+    print()
+    print(format_table(results))
+    print(f"(this run: {time.perf_counter() - t:.0f} s wall)")
+    return 0
