@@ -49,7 +49,7 @@ SIZES = {
     "small": DemoSize(tokenizer_steps=600, train_scenes=2000, prompt_scenes=400, pretrain_steps=300,
                       instruct_steps=300, test_scenes=100, prompts_per_tag=10),
     "full": DemoSize(tokenizer_steps=2000, train_scenes=8000, prompt_scenes=2000, pretrain_steps=1500,
-                     instruct_steps=1500, test_scenes=200, prompts_per_tag=20),
+                     instruct_steps=800, test_scenes=200, prompts_per_tag=20),
 }
 
 
@@ -199,7 +199,8 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
     t_vqa = time.perf_counter() - t
     prompts = W.geneval_prompts(size.prompts_per_tag)
     t = time.perf_counter()
-    gen = evaluate_generation(model, processor, unitok, prompts, 1, ImageSampling(cfg_scale=3.0, temperature=0.0),
+    # plain sampling with guidance (greedy decoding collapses to one image per model, as in other AR generators)
+    gen = evaluate_generation(model, processor, unitok, prompts, 1, ImageSampling(cfg_scale=3.0, temperature=1.0),
                               seed=seed, out_dir=out / "geneval")
     t_gen = time.perf_counter() - t
     # the grid: the first generation of one prompt per tag, then more single/two-object prompts

@@ -175,6 +175,8 @@ def _blurred(shape: str, side: int, sigma: float, pad: int) -> np.ndarray:
 def _fill_and_offset(shape: str, side: int) -> tuple[float, float]:
     m = shape_mask(shape, side)
     yy = np.nonzero(m)[0]
+    if yy.size == 0:  # too small to draw this shape at all (e.g. a 2-px cross)
+        return 0.0, 0.0
     return float(m.mean()), float(yy.mean() + 0.5 - side / 2)
 
 
@@ -204,10 +206,14 @@ def _soft_match(a: np.ndarray, valid: np.ndarray, scale: float) -> tuple[int, fl
     best_sse, best = np.inf, (0, 0.0, (0.0, 0.0, 0.0, 0.0))
     for k, shape in enumerate(SHAPES):
         fill, _ = _fill_and_offset(shape, max(2, int(round(np.sqrt(mass)))))
+        if fill <= 0:
+            continue
         s_est = np.sqrt(mass / max(fill, 1e-6))
         sides = range(max(2, int(np.floor(s_est)) - 2), int(np.ceil(s_est)) + 2)
         for side in sides:
-            _, off = _fill_and_offset(shape, side)
+            side_fill, off = _fill_and_offset(shape, side)
+            if side_fill <= 0:
+                continue
             fx, fy = cx - side / 2, cy - off - side / 2
             for x0 in {int(np.floor(fx)), int(np.ceil(fx))}:
                 for y0 in {int(np.floor(fy)), int(np.ceil(fy))}:
