@@ -1,8 +1,9 @@
 """Image-generation speed of UniTokMLLM: ms per generated image position with classifier-free guidance.
 
-    python benchmarks/bench_mllm_generation.py [--config medium fixture-a] [--threads 2]
+    python benchmarks/bench_mllm_generation.py [--config medium fixture-a] [--threads 2] [--prompts 2]
 
-Random weights (seeded), 2 prompts + 2 unconditional rows (4 rows, as the reference timing), greedy decoding.
+Random weights (seeded), 2 prompts + 2 unconditional rows (4 rows, as the reference timing), greedy decoding;
+``--prompts B`` times B prompts at once (2B rows: what a server batching requests gets per image).
 For each config it prints:
 
 * ``ours``: the cached loop of ``mllm.generation`` (backbone KV cache, depth-head static KV cache with the linear
@@ -79,10 +80,13 @@ def main() -> None:
     ap.add_argument("--config", nargs="+", default=["fixture-a", "medium"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per batch (rows = 2 x prompts with CFG)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads={args.threads}  rows=4 (2 prompts + 2 unconditional)  greedy, cfg 3.0  float32")
-    print(f"{'config':<10} {'N':>4} {'ours ms/pos':>12} {'hf-layers':>10} {'reference':>10} {'speed-up':>9}")
+    B = args.prompts
+    print(f"threads={args.threads}  rows={2 * B} ({B} prompts + {B} unconditional)  greedy, cfg 3.0  float32")
+    print(f"{'config':<10} {'N':>4} {'ours ms/pos':>12} {'per image':>10} {'hf-layers':>10} {'reference':>10} "
+          f"{'speed-up':>9}")
     for name in args.config:
         cfg = UniTokMLLMConfig(**FIXTURE_A) if name == "fixture-a" else UniTokMLLMConfig.from_preset(name)
         cfg._attn_implementation = "sdpa"
@@ -92,7 +96,7 @@ def main() -> None:
         for p in model.parameters():  # N(0, 0.02) gives near-uniform logits; draw larger weights like the fixtures
             p.data.normal_(0, 1, generator=g).div_(p.shape[-1] ** 0.5 if p.ndim > 1 else 10).add_(
                 1.0 if p.ndim == 1 and p.shape[0] == cfg.hidden_size else 0.0)
-        prompt = torch.randint(5, cfg.vocab_size, (4, 12), generator=g)
+        prompt = torch.randint(5, cfg.vocab_size, (2 * B, 12), generator=g)
         prompt[:, -1] = cfg.boi_token_id
         mask = torch.ones_like(prompt)
         mask[1, :3] = 0  # left padding on one row
@@ -105,10 +109,10 @@ def main() -> None:
             gen.sample_position = original
         if not torch.equal(codes, slow_codes):
             raise SystemExit(f"{name}: the fast depth decoder changed the greedy output")
-        ref = reference_figure(name)
+        ref = reference_figure(name) if B == 2 else None  # the reference timed 2 prompts
         ref_s = f"{ref:10.1f}" if ref else f"{'-':>10}"
         up = f"{ref / ours:8.1f}x" if ref else f"{'-':>9}"
-        print(f"{name:<10} {cfg.image_positions:>4} {ours:12.2f} {slow:10.2f} {ref_s} {up}")
+        print(f"{name:<10} {cfg.image_positions:>4} {ours:12.2f} {ours / B:10.2f} {slow:10.2f} {ref_s} {up}")
 
 
 if __name__ == "__main__":

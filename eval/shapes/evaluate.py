@@ -113,6 +113,13 @@ def evaluate_generation(model, processor, unitok, prompts: list[dict], images_pe
 
 
 # ---------------------------------------------------------------------------- CLI: unitok eval shapes
+def test_scenes(n: int, seed: int = 0) -> list:
+    """The held-out scenes scored by ``unitok demo`` and ``unitok eval shapes`` (the same ones for the same seed).
+    ``seed + 1``: a different stream from the demo's training draw with ``seed`` (the split hash alone already keeps
+    test layouts out of training)."""
+    return W.generate_split("test", n, seed=seed + 1)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="MLLM folder")
     p.add_argument("--tokenizer", required=True, help="UniTok tokenizer (64 px for this world)")
@@ -122,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="test-scene draw and sampling seed (as `unitok demo --seed`)")
     p.add_argument("--out", default=None, help="folder for results.json and generated images")
     p.add_argument("--device", default=None)
 
@@ -132,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, processor = load_mllm(args.model, args.device)
     unitok = load_unitok(args.tokenizer, model, model.device)
-    scenes = W.generate_split("test", args.scenes, seed=0)
+    scenes = test_scenes(args.scenes, args.seed)
     prompts = W.geneval_prompts(args.prompts_per_tag)
     out = Path(args.out) if args.out else None
     t = time.perf_counter()
@@ -161,5 +168,5 @@ def format_scores(psnr: float, vqa: dict, gen: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["tokenizer_psnr", "encode_scenes", "answer", "evaluate_vqa", "evaluate_generation", "format_scores",
-           "vqa_messages", "VQA_SUFFIX", "images_tensor"]
+__all__ = ["test_scenes", "tokenizer_psnr", "encode_scenes", "answer", "evaluate_vqa", "evaluate_generation",
+           "format_scores", "vqa_messages", "VQA_SUFFIX", "images_tensor"]
