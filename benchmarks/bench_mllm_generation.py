@@ -13,6 +13,7 @@ For each config it prints:
 * the reference figures recorded beside the fixtures (``fixtures/mllm_ref``), when present, and the speed-up.
 
 Both loops must produce identical codes (checked, since the target is "faster at equal greedy output").
+``--dtype bfloat16`` runs the same loops in bf16 and prints how many greedy codes still equal float32's.
 """
 from __future__ import annotations
 
@@ -81,10 +82,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompts", type=int, default=2, help="prompts per batch (rows = 2 x prompts with CFG)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights and activations; bfloat16 also reports whether the greedy codes equal float32's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     B = args.prompts
-    print(f"threads={args.threads}  rows={2 * B} ({B} prompts + {B} unconditional)  greedy, cfg 3.0  float32")
+    dtype = getattr(torch, args.dtype)
+    print(f"threads={args.threads}  rows={2 * B} ({B} prompts + {B} unconditional)  greedy, cfg 3.0  {args.dtype}")
     print(f"{'config':<10} {'N':>4} {'ours ms/pos':>12} {'per image':>10} {'hf-layers':>10} {'reference':>10} "
           f"{'speed-up':>9}")
     for name in args.config:
@@ -100,7 +104,13 @@ def main() -> None:
         prompt[:, -1] = cfg.boi_token_id
         mask = torch.ones_like(prompt)
         mask[1, :3] = 0  # left padding on one row
+        if dtype != torch.float32:  # halves the weight bytes streamed per step; rounding may flip an argmax
+            _, fp32_codes = run(model, prompt, mask, 1)
+            model.to(dtype)
         ours, codes = run(model, prompt, mask, args.repeats)
+        if dtype != torch.float32:
+            same = (codes == fp32_codes).float().mean().item()
+            print(f"{name}: {args.dtype} greedy codes equal to float32's: {same:.1%}")
         original = gen.sample_position
         gen.sample_position = hf_layers_sample_position
         try:
