@@ -13,6 +13,8 @@ Templates:
   images are bare slots (no boi/eoi), as the released understanding data and eval scripts use them.
 * ``unitok`` (default for new models) — the same text format, but every image is framed by boi/eoi, the markers that
   also frame images in captioning and text-to-image samples, so an image looks the same to the model everywhere.
+* ``unitok_nosys`` — ``unitok`` without the system prompt (``USER: ... ASSISTANT: ...</s>``): for models trained
+  from scratch, where a fixed preamble carries no information and costs ~30 tokens per sample (the CPU demo).
 
 Text-to-image prompts (both templates, as the reference): ``"<prompt> Generate an image based on this
 description."`` followed by boi; the unconditional prompt for classifier-free guidance is ``"<unconditional>"``.
@@ -43,7 +45,7 @@ class ChatTemplate:
         system = self.system
         if messages and messages[0].get("role") == "system":
             system, messages = messages[0]["content"], messages[1:]
-        text, spans = system + self.sep, []
+        text, spans = (system + self.sep if system else ""), []
         for i, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
             expected = "user" if i % 2 == 0 else "assistant"
@@ -76,6 +78,7 @@ _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence 
 TEMPLATES: dict[str, ChatTemplate] = {
     "vicuna_v1": ChatTemplate("vicuna_v1", _VICUNA_SYSTEM, image_markers=False),
     "unitok": ChatTemplate("unitok", _VICUNA_SYSTEM, image_markers=True),
+    "unitok_nosys": ChatTemplate("unitok_nosys", "", image_markers=True),
 }
 
 

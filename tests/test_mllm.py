@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import unitok_cli
 from mllm import IGNORE_INDEX, MLLMProcessor, SampleTooLong, UniTokMLLM, UniTokMLLMConfig
 from mllm.convert import RENAMES, convert_released
+from mllm.conversation import get_template
 from mllm.generation import (ImageSampling, TextSampling, chat, filter_logits, generate_image_codes,
                              generate_images, generate_text_ids, left_pad)
 from mllm.modeling import DepthDecoder
@@ -265,6 +266,9 @@ def test_processor_layouts():
     assert enc.input_ids.count(IMG) == N and enc.input_ids[enc.input_ids.index(IMG) - 1] == 3  # unitok: boi/eoi
     released = MLLMProcessor(_ToyTokenizer(), cfg, template="vicuna_v1").chat(messages)
     assert 3 not in released.input_ids and released.input_ids.count(IMG) == N
+    text, spans = get_template("unitok_nosys").render(messages)
+    assert text == "USER: <image>\nwhat is it? ASSISTANT: a cat</s>USER: colour? ASSISTANT: red</s>"
+    assert [text[a:b] for a, b in spans] == [" a cat</s>", " red</s>"]
     prompt = proc.chat_prompt(messages[:1])
     assert proc.tokenizer.decode(prompt[-1:]) == "ASSISTANT:"
     assert proc.generation_prompt("a cat")[-1] == 3

@@ -104,8 +104,8 @@ def texts_for_tokenizer(scenes, prompt_meta) -> list[str]:
     from eval.shapes.evaluate import VQA_SUFFIX
     from mllm.conversation import TEMPLATES
 
-    t = TEMPLATES["unitok"]
-    texts = [t.system, t.t2i_suffix.strip(), t.unconditional_prompt, VQA_SUFFIX.strip(), "USER: ASSISTANT:"]
+    t = TEMPLATES["unitok_nosys"]  # the demo model's template (model.overrides in demo-pretrain.yaml)
+    texts = [t.t2i_suffix.strip(), t.unconditional_prompt, VQA_SUFFIX.strip(), "USER: ASSISTANT:"]
     for s in scenes:
         texts += W.captions(s)
         texts += [q["question"] + " " + q["answer"] for q in W.questions(s)]
@@ -234,7 +234,8 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
         tok_dir = Path(tokenizer)
         tok_key = _digest(tok_dir / "model.safetensors")
     data = Stage(cache, "data", {**base, "tokenizer": tok_key, "scenes": size.train_scenes,
-                                 "prompt_scenes": size.prompt_scenes, "builder": _source_digest(build_data),
+                                 "prompt_scenes": size.prompt_scenes,
+                                 "builder": _source_digest(build_data) + _source_digest(texts_for_tokenizer),
                                  "world": _digest(REPO / "eval/shapes/world.py")})
     times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed))
     pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
