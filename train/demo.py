@@ -99,13 +99,23 @@ def train_tokenizer(out: Path, size: DemoSize, seed: int) -> None:
     shutil.move(str(out / "run" / "model"), str(out / "model"))
 
 
-def texts_for_tokenizer(scenes, prompt_meta) -> list[str]:
+def chat_template_name() -> str:
+    """The demo model's chat template, as its pretraining recipe builds the model (instruct inherits it)."""
+    from mllm import UniTokMLLMConfig
+    from train.mllm.config import MLLMTrainConfig
+
+    model = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-pretrain.yaml").model
+    return UniTokMLLMConfig.from_preset(model.preset, **model.overrides).chat_template
+
+
+def texts_for_tokenizer(scenes, prompt_meta, template: str) -> list[str]:
     from eval.shapes import world as W
     from eval.shapes.evaluate import VQA_SUFFIX
-    from mllm.conversation import TEMPLATES
+    from mllm.conversation import get_template
 
-    t = TEMPLATES["unitok_nosys"]  # the demo model's template (model.overrides in demo-pretrain.yaml)
-    texts = [t.t2i_suffix.strip(), t.unconditional_prompt, VQA_SUFFIX.strip(), "USER: ASSISTANT:"]
+    t = get_template(template)
+    texts = [x for x in (t.system, t.t2i_suffix.strip(), t.unconditional_prompt, VQA_SUFFIX.strip(), "USER: ASSISTANT:")
+             if x]
     for s in scenes:
         texts += W.captions(s)
         texts += [q["question"] + " " + q["answer"] for q in W.questions(s)]
@@ -113,7 +123,7 @@ def texts_for_tokenizer(scenes, prompt_meta) -> list[str]:
     return texts
 
 
-def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
+def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, template: str) -> None:
     """Codes of every training image, the text tokenizer, and the MLLM's JSONL sources."""
     from eval.shapes import world as W
     from eval.shapes.evaluate import VQA_SUFFIX, encode_scenes
@@ -140,7 +150,7 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> Non
     codes = encode_scenes(unitok, scenes + prompt_scenes).tolist()
     scene_codes, prompt_codes = codes[:len(scenes)], codes[len(scenes):]
 
-    train_sentencepiece(texts_for_tokenizer(scenes, prompt_meta), out / "text_tokenizer", vocab_size=640)
+    train_sentencepiece(texts_for_tokenizer(scenes, prompt_meta, template), out / "text_tokenizer", vocab_size=640)
     with open(out / "captions.jsonl", "w") as f:
         for s, c in zip(scenes, scene_codes):
             f.write(json.dumps({"id": s.id, "text": W.captions(s), "codes": c}) + "\n")
@@ -233,11 +243,12 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
     else:  # a given tokenizer (e.g. trained by an earlier demo): its weights identify it
         tok_dir = Path(tokenizer)
         tok_key = _digest(tok_dir / "model.safetensors")
+    template = chat_template_name()
     data = Stage(cache, "data", {**base, "tokenizer": tok_key, "scenes": size.train_scenes,
-                                 "prompt_scenes": size.prompt_scenes,
-                                 "builder": _source_digest(build_data) + _source_digest(texts_for_tokenizer),
+                                 "prompt_scenes": size.prompt_scenes, "chat_template": template,
+                                 "builder": _source_digest(build_data, texts_for_tokenizer),
                                  "world": _digest(REPO / "eval/shapes/world.py")})
-    times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed))
+    times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed, template))
     pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
                                     "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml")})
     times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
@@ -261,8 +272,9 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _source_digest(fn) -> str:
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+def _source_digest(*fns) -> str:
+    """Changes when the code of ``fns`` changes (not when the helpers they call change)."""
+    return hashlib.sha256("".join(inspect.getsource(fn) for fn in fns).encode()).hexdigest()[:16]
 
 
 def show_examples(results: dict, n: int = 6) -> str:
