@@ -17,15 +17,18 @@ setup(
     py_modules=["unitok_cli"],
     include_package_data=True,
     package_data={"": ["*.yaml", "*.json"]},
-    # Ranges only: the CPU wheel of torch is pinned by constraints-cpu.txt, never here, so a CUDA
-    # machine keeps its own torch. torchvision/timm/open_clip are deliberately absent (see README).
+    # Supported ranges. transformers moves fast (5.24 renamed the KV-cache kwarg), so its range lists only tested
+    # releases; the floors of the others are the versions we test. constraints.txt pins the exact tested set (the
+    # README and CI install with it); .ci/run also smoke-tests the newest releases and warns when one breaks us.
+    # torch is never pinned here, so a CUDA machine keeps its own build (constraints-cpu.txt pins the CPU wheel).
+    # torchvision/timm/open_clip are deliberately absent (see README).
     install_requires=[
-        "torch>=2.4",
-        "transformers>=5.0,<6",
-        "accelerate>=1.10",
-        "deepspeed>=0.17",
-        "peft>=0.17",
-        "datasets>=4.0",
+        "torch>=2.13",  # tested: 2.13.0 (SDPA enable_gqa needs >= 2.5)
+        "transformers>=5.23.0,<=5.24.0",  # tested: 5.23.0, 5.24.0 (internals in mllm/hf_compat.py)
+        "accelerate>=1.15",
+        "deepspeed>=0.19.8",
+        "peft>=0.21.2",
+        "datasets>=5.2",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
         "safetensors>=0.4",

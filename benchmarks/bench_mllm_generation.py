@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 import mllm.generation as gen
 from mllm import UniTokMLLM, UniTokMLLMConfig
+from mllm import hf_compat as hf
 
 FIXTURES = Path(os.environ.get("UNITOK_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 FIXTURE_A = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -51,7 +51,7 @@ def reference_figure(name: str) -> float | None:
 def hf_layers_sample_position(model, hidden, sampling, generators=None):
     """``gen.sample_position`` with the depth head's transformers layers and a DynamicCache."""
     head, K = model.depth_head, model.config.num_codebooks
-    cache, x, codes, logits_all = DynamicCache(), hidden[:, None], [], []
+    cache, x, codes, logits_all = hf.new_dynamic_cache(model.config), hidden[:, None], [], []
     for k in range(K):
         logits = head.linear_head(head(x, cache)[:, -1]).float()
         cond, uncond = logits.chunk(2)
@@ -93,7 +93,7 @@ def main() -> None:
           f"{'speed-up':>9}")
     for name in args.config:
         cfg = UniTokMLLMConfig(**FIXTURE_A) if name == "fixture-a" else UniTokMLLMConfig.from_preset(name)
-        cfg._attn_implementation = "sdpa"
+        hf.set_attn_implementation(cfg, "sdpa")
         torch.manual_seed(0)
         model = UniTokMLLM(cfg).eval()
         g = torch.Generator().manual_seed(1)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig
+from mllm import hf_compat as hf
 
 
 def packed_batch(cfg: UniTokMLLMConfig, rows: int, row_tokens: int, seed: int = 0):
@@ -87,7 +88,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = UniTokMLLMConfig.from_preset(args.config)
-    cfg._attn_implementation = "sdpa"
+    hf.set_attn_implementation(cfg, "sdpa")
     torch.manual_seed(0)
     model = UniTokMLLM(cfg).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -24,6 +24,7 @@ from transformers import LlamaConfig
 
 from tokenizer.checkpoint import atomic_write_dir
 
+from . import hf_compat as hf
 from .configuration import UniTokMLLMConfig
 
 RENAMES = (("model.multi_embedder.", "code_embedder."), ("ar_head.", "depth_head."))
@@ -78,7 +79,7 @@ def llama_fields(config_path: str | Path) -> dict:
     for k in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
         raw.pop(k, None)
     known = set(LlamaConfig().to_dict())
-    llama = LlamaConfig(**{k: v for k, v in raw.items() if k in known or k in ("rope_theta", "rope_scaling")})
+    llama = LlamaConfig(**{k: v for k, v in raw.items() if k in known or k in hf.LEGACY_ROPE_FIELDS})
     fields = llama.to_dict()
     for k in ("model_type", "transformers_version", "architectures", "_name_or_path", "id2label", "label2id",
               "output_attentions"):

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache
 
 from tokenizer.projection import ProjectionCache
 
+from . import hf_compat as hf
 from .modeling import DepthDecoder, UniTokMLLM
 
 
@@ -74,7 +75,7 @@ def choose(logits: torch.Tensor, sampling: ImageSampling, generators: list[torch
 class ImageGenerationState:
     """Everything one batched image rollout carries between positions (rows: B conditional [+ B unconditional])."""
 
-    cache: DynamicCache
+    cache: Cache
     attention_mask: torch.Tensor  # [R, T] (prompt padding + generated positions)
     next_position: torch.Tensor  # [R] rope position of the next token
     hidden: torch.Tensor  # [R, hidden] final-normed backbone state before the next image position
@@ -87,10 +88,9 @@ class ImageGenerationState:
 def prefill(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ImageGenerationState:
     """Run the (left-padded) prompts, each ending in boi; rope positions skip the padding."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-                use_cache=True, logits_to_keep=1, output_hidden_states=True)
-    return ImageGenerationState(cache=out.past_key_values, attention_mask=attention_mask,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                cache=hf.new_dynamic_cache(model.config), use_cache=True, logits_to_keep=1, output_hidden_states=True)
+    return ImageGenerationState(cache=hf.cache_of(out), attention_mask=attention_mask,
                                 next_position=position_ids[:, -1] + 1, hidden=out.hidden_states[:, -1])
 
 
@@ -125,9 +125,9 @@ def advance(model: UniTokMLLM, state: ImageGenerationState, codes: torch.Tensor)
     embeds = model.code_embedder(codes[:, :, None], cache=state.projection_cache)
     state.attention_mask = F.pad(state.attention_mask, (0, 1), value=1)
     out = model(inputs_embeds=embeds.to(model.dtype), attention_mask=state.attention_mask,
-                position_ids=state.next_position[:, None], past_key_values=state.cache, use_cache=True,
+                position_ids=state.next_position[:, None], cache=state.cache, use_cache=True,
                 logits_to_keep=1, output_hidden_states=True)
-    state.cache, state.hidden = out.past_key_values, out.hidden_states[:, -1]
+    state.cache, state.hidden = hf.cache_of(out), out.hidden_states[:, -1]
     state.next_position = state.next_position + 1
 
 

@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.llama.modeling_llama import (LlamaDecoderLayer, LlamaModel, LlamaRMSNorm,
-                                                      LlamaRotaryEmbedding, apply_rotary_pos_emb)
+
+from . import hf_compat as hf
+from .hf_compat import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tokenizer.projection import AttnProjection, PlainAttention, ProjectionCache
 from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
@@ -84,17 +83,17 @@ class DepthHead(nn.Module):
         """Sub-codes ``[R, k]`` (books 0..k-1, k < K) -> ``[R, k, hidden]``."""
         return torch.stack([self.codebooks[i](codes[:, i]) for i in range(codes.shape[1])], dim=1)
 
-    def forward(self, inputs_embeds: torch.Tensor, past_key_values: Cache | None = None) -> torch.Tensor:
-        """Depth sequences ``[R, T, hidden]`` (continuing ``past_key_values`` if given) -> normed states."""
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    def forward(self, inputs_embeds: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """Depth sequences ``[R, T, hidden]`` (continuing ``cache`` if given) -> normed states."""
+        past = cache.get_seq_length() if cache is not None else 0
         position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=None,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        mask = hf.create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=None,
+                                     position_ids=position_ids, **hf.cache_kwarg(cache))
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=past_key_values,
-                      use_cache=past_key_values is not None, position_embeddings=position_embeddings)
+            x = layer(x, attention_mask=mask, position_ids=position_ids, use_cache=cache is not None,
+                      position_embeddings=position_embeddings, **hf.cache_kwarg(cache))
         return self.norm(x)
 
     def teacher_forced_logits(self, context: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -154,6 +153,7 @@ class DepthDecoder:
 
 
 @dataclass
+@hf.with_cache_field  # + the KV cache, under transformers' name for it (``hf.CACHE``)
 class UniTokMLLMOutput(ModelOutput):
     """``loss`` is the reference's token-weighted total; the parts are reported beside it (detached counts)."""
 
@@ -166,7 +166,6 @@ class UniTokMLLMOutput(ModelOutput):
     n_image_subcodes: int | None = None
     logits: torch.Tensor | None = None  # [B, L', vocab] when no labels; [n_text_targets, vocab] with labels
     image_logits: torch.Tensor | None = None  # [n_image_targets, K, codebook_size] with labels
-    past_key_values: Cache | None = None
     hidden_states: torch.Tensor | None = None  # final-normed backbone states, when asked
 
 
@@ -175,11 +174,12 @@ class UniTokMLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [hf.CACHE]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = ["code_embedder.quantizer"]  # the codebooks are a shared lookup table: never bf16
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -187,13 +187,13 @@ class UniTokMLLMPreTrainedModel(PreTrainedModel):
         # ``init`` functions, which skip tensors already loaded from a checkpoint; then our own modules.
         super()._init_weights(module)
         if isinstance(module, PlainAttention):
-            init.zeros_(module.q_bias)
-            init.zeros_(module.v_bias)
-            init.zeros_(module.zero_k_bias)
+            hf.init.zeros_(module.q_bias)
+            hf.init.zeros_(module.v_bias)
+            hf.init.zeros_(module.zero_k_bias)
         elif isinstance(module, SubCodebook):  # reference ``vocab_init = -1`` (overwritten by the tokenizer's books)
             bound = module.codebook.weight.shape[1] ** -0.5 / 36
-            init.uniform_(module.codebook.weight, -bound, bound)
-            init.zeros_(module.vocab_usage)
+            hf.init.uniform_(module.codebook.weight, -bound, bound)
+            hf.init.zeros_(module.vocab_usage)
 
 
 class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
@@ -241,7 +241,7 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_codes: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -250,6 +250,7 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> UniTokMLLMOutput:
+        cache = hf.take_cache(cache, kwargs)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
@@ -257,10 +258,10 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         if labels is not None and use_cache is None:
             use_cache = False  # training: no cache, so packed rows (restarting position_ids) get a block mask
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                         use_cache=use_cache, **hf.cache_kwarg(cache), **kwargs)
         hidden = out.last_hidden_state
-        result = UniTokMLLMOutput(past_key_values=out.past_key_values,
-                                  hidden_states=hidden if output_hidden_states else None)
+        result = UniTokMLLMOutput(hidden_states=hidden if output_hidden_states else None,
+                                  **hf.cache_kwarg(hf.cache_of(out)))
         if labels is None:
             result.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
             return result
@@ -310,13 +311,9 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         return result
 
     # ------------------------------------------------------------------ generation glue (text)
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_codes=None,
-                                      is_first_iteration=False, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds,
-                                                       is_first_iteration=is_first_iteration, **kwargs)
-        if is_first_iteration and inputs.get("inputs_embeds") is None:
-            inputs["image_codes"] = image_codes  # the image slots only exist in the prompt
-        return inputs
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_codes=None, **kwargs):
+        return hf.prepare_generation_inputs(super().prepare_inputs_for_generation, image_codes, input_ids,
+                                            inputs_embeds=inputs_embeds, **kwargs)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod

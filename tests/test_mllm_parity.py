@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig
+from mllm import hf_compat as hf
 from mllm.convert import rename_released_key
 from mllm.generation import ImageSampling, TextSampling, generate_image_codes, generate_text_ids
 
@@ -42,7 +43,7 @@ def config_from_meta(meta: dict) -> UniTokMLLMConfig:
                            image_placeholder_id=ids["IMAGE_TOKEN_INDEX"], num_codebooks=c["K"],
                            codebook_size=c["sub_vocab"], code_dim=c["code_width_per_book"],
                            projection_dim=c["proj_dim"], projection_heads=c["proj_heads"], image_positions=c["N"])
-    cfg._attn_implementation = c["attn_implementation"]
+    hf.set_attn_implementation(cfg, c["attn_implementation"])
     return cfg
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
+from mllm import hf_compat as hf
 from mllm.configuration import image_side_from_tokenizer
 from train.common.checkpoint import CheckpointManager, capture_rng_state, load_state, read_meta, restore_rng_state, \
     save_state
@@ -73,7 +74,7 @@ def build_model(cfg: MLLMTrainConfig):
             model = UniTokMLLM(config)
             if unitok is not None:
                 model.load_tokenizer_weights(unitok)
-        model.config._attn_implementation = attn
+        hf.set_attn_implementation(model.config, attn)
     model.config.use_cache = False
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
