@@ -1,15 +1,14 @@
 """Print setup.py's install_requires, one per line; with --unpin NAME..., those packages without a version range
-(so pip takes their newest release). Used by .ci/newest-smoke."""
+(so pip takes their newest release). Used by .ci/newest-smoke. Reads setup.py's syntax tree (nothing is run)."""
+import ast
+import re
 import sys
 from pathlib import Path
-from unittest import mock
 
-import setuptools
-
-root = Path(__file__).resolve().parents[1]
-with mock.patch.object(setuptools, "setup") as setup:
-    exec(compile((root / "setup.py").read_text(), "setup.py", "exec"), {"__file__": str(root / "setup.py")})
+tree = ast.parse((Path(__file__).resolve().parents[1] / "setup.py").read_text())
+requires = next(ast.literal_eval(kw.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                for kw in node.keywords if kw.arg == "install_requires")
 unpin = set(sys.argv[2:]) if sys.argv[1:2] == ["--unpin"] else set()
-for req in setup.call_args.kwargs["install_requires"]:
-    name = req.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip()
+for req in requires:
+    name = re.match(r"[A-Za-z0-9_.-]+", req).group(0)
     print(name if name in unpin else req)

@@ -61,21 +61,30 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--system", default=None, help="replace the template's system prompt")
+    p.add_argument("--image-dir", default="chat-images",
+                   help="where pictures the assistant draws are saved (PNG; ask e.g. 'Draw a red circle.')")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale of pictures the assistant draws")
+    p.add_argument("--seed", type=int, default=0, help="picture k of the session uses seed + k")
 
 
-CHAT_HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
+CHAT_HELP = ("commands: /image PATH (attach to the next message), /reset, /quit; ask e.g. 'Draw a red circle.' "
+             "for a picture (saved under --image-dir)")
 
 
 def _chat(args: argparse.Namespace) -> int:
     from tokenizer.image import preprocess_padded
     from transformers import TextStreamer
 
+    from tokenizer.image import to_pil
+
     from .conversation import IMAGE_PLACEHOLDER
-    from .generation import TextSampling, chat
+    from .generation import ImageSampling, TextSampling, reply
 
     model, processor = load_mllm(args.model, args.device, args.dtype)
     unitok = load_unitok(args.tokenizer, model, model.device)
     sampling = TextSampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    drawing = ImageSampling(cfg_scale=args.cfg, temperature=1.0)
+    drawn = 0
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages, codes, pending = list(base), [], list(args.image)
     interactive = sys.stdin.isatty()
@@ -107,12 +116,22 @@ def _chat(args: argparse.Namespace) -> int:
             turn = messages + [{"role": "user", "content": content}]
             print("assistant> ", end="", flush=True)
             streamer = TextStreamer(processor.tokenizer, skip_special_tokens=True)
-            reply = chat(model, processor, turn, torch.cat(codes) if codes else None, sampling, streamer=streamer)
+            answer = reply(model, processor, turn, torch.cat(codes) if codes else None, sampling, streamer=streamer,
+                           image_sampling=drawing, seed=args.seed + drawn)
+            if answer.image_codes is not None:
+                with torch.inference_mode():
+                    picture = to_pil(unitok.decode(answer.image_codes[None].to(model.device))[0].cpu())
+                path = Path(args.image_dir) / f"image-{drawn:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                picture.save(path)
+                drawn += 1
+                codes.append(answer.image_codes[None])  # later turns see the picture, as the model drew it
+                print(f"[image: {path}]")
         except (ValueError, FileNotFoundError, OSError) as err:
             pending = []
             print(f"\nerror: {err}", file=sys.stderr)
             continue
-        messages = turn + [{"role": "assistant", "content": reply}]
+        messages = turn + [answer.message()]
 
 
 # ---------------------------------------------------------------------------- generate

@@ -8,6 +8,9 @@ RMS eps, tied or untied head all come from it) extended with the fields that des
 * ``projection_dim`` / ``projection_heads``: the causal attention projection of the code embedder;
 * ``depth_layers``: Llama layers of the depth head that emits the K sub-codes of one image position;
 * ``image_positions`` (N): positions per image (16×16 = 256 for the released tokenizer at 256 px);
+* ``image_position_embedding``: add a learned embedding per image position (its 2-D cell) to the code embedder's
+  output. Off in the release, whose image embeddings carry position only through the backbone's 1-D RoPE index;
+  an option for tokenizers whose codes are translation-invariant (the demo's shapes world);
 * token ids: ``image_placeholder_id`` marks an image position in ``input_ids`` (and, in ``labels``, an image position whose
   codes are a training target), ``boi_token_id``/``eoi_token_id`` frame an image.
 
@@ -32,6 +35,7 @@ class UniTokMLLMConfig(LlamaConfig):
     projection_heads: int = 16
     depth_layers: int = 3
     image_positions: int = 256
+    image_position_embedding: bool = False
     image_placeholder_id: int = IMAGE_TOKEN_INDEX
     boi_token_id: int = 3
     eoi_token_id: int = 4

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache
 from tokenizer.projection import ProjectionCache
 
 from . import hf_compat as hf
+from .conversation import IMAGE_PLACEHOLDER
 from .modeling import DepthDecoder, UniTokMLLM
 
 
@@ -85,10 +86,12 @@ class ImageGenerationState:
 
 
 @torch.no_grad()
-def prefill(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> ImageGenerationState:
-    """Run the (left-padded) prompts, each ending in boi; rope positions skip the padding."""
+def prefill(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            image_codes: torch.Tensor | None = None) -> ImageGenerationState:
+    """Run the (left-padded) prompts, each ending in boi; rope positions skip the padding. ``image_codes``
+    ``[M, K, N]`` fill the prompts' image slots in order (a chat that shows images before asking for one)."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, image_codes=image_codes,
                 cache=hf.new_dynamic_cache(model.config), use_cache=True, logits_to_keep=1, output_hidden_states=True)
     return ImageGenerationState(cache=hf.cache_of(out), attention_mask=attention_mask,
                                 next_position=position_ids[:, -1] + 1, hidden=out.hidden_states[:, -1])
@@ -134,13 +137,14 @@ def advance(model: UniTokMLLM, state: ImageGenerationState, codes: torch.Tensor)
 @torch.no_grad()
 def generate_image_codes(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          sampling: ImageSampling, generators: list[torch.Generator] | None = None,
-                         num_positions: int | None = None, keep_logits: bool = False) -> ImageGenerationState:
+                         num_positions: int | None = None, keep_logits: bool = False,
+                         image_codes: torch.Tensor | None = None) -> ImageGenerationState:
     """Rollout from padded prompts (with guidance: B conditional rows then B unconditional rows).
     ``state.codes`` stacked along positions gives ``[B, K, N]`` (see :func:`generate_images`)."""
     N = num_positions or model.config.image_positions
     if sampling.guided and input_ids.shape[0] % 2:
         raise ValueError("with guidance the prompts must be B conditional rows followed by B unconditional rows")
-    state = prefill(model, input_ids, attention_mask)
+    state = prefill(model, input_ids, attention_mask, image_codes)
     B = input_ids.shape[0] // (2 if sampling.guided else 1)
     for j in range(N):
         codes, logits = sample_position(model, state.hidden, sampling, generators)
@@ -180,7 +184,7 @@ def generate_images(model: UniTokMLLM, processor, prompts: list[str], sampling: 
     return torch.stack(state.codes, dim=2)
 
 
-__all__ = ["TextSampling", "generate_text_ids", "chat", "ImageSampling", "filter_logits", "choose", "prefill", "sample_position", "advance",
+__all__ = ["TextSampling", "generate_text_ids", "chat", "reply", "Reply", "ImageSampling", "filter_logits", "choose", "prefill", "sample_position", "advance",
            "generate_image_codes", "generate_images", "left_pad"]
 
 
@@ -226,16 +230,51 @@ def generate_text_ids(model: UniTokMLLM, input_ids: torch.Tensor, image_codes: t
                           pad_token_id=0 if pad is None else pad, streamer=streamer, **kwargs)
 
 
-def chat(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch.Tensor | None = None,
-         sampling: TextSampling | None = None, streamer=None) -> str:
-    """One assistant reply to ``messages`` (``<image>`` placeholders in order of ``image_codes`` [M, K, N])."""
-    ids = torch.tensor([processor.chat_prompt(messages)], device=model.device)
-    if processor.max_length is not None and ids.shape[1] > processor.max_length:
-        raise ValueError(f"the conversation has {ids.shape[1]} tokens, more than the limit {processor.max_length}")
-    new = generate_text_ids(model, ids, None if image_codes is None else image_codes.to(model.device), sampling,
-                            eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id,
-                            tokenizer=processor.tokenizer, streamer=streamer)
-    text = processor.decode(new[0])
+@dataclass
+class Reply:
+    """An assistant turn: its text and, when the model answered with a picture (it emitted boi), the picture's
+    codes ``[K, N]``. In the conversation history the picture is an ``<image>`` placeholder after the text."""
+
+    text: str
+    image_codes: torch.Tensor | None = None
+
+    def message(self) -> dict:
+        content = self.text if self.image_codes is None else (self.text + " " + IMAGE_PLACEHOLDER).strip()
+        return {"role": "assistant", "content": content}
+
+
+def reply(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch.Tensor | None = None,
+          sampling: TextSampling | None = None, streamer=None, image_sampling: ImageSampling | None = None,
+          seed: int | None = None) -> Reply:
+    """One assistant turn after ``messages`` (``<image>`` placeholders in order of ``image_codes`` [M, K, N]).
+    Text is generated until eos or boi; after boi the image is drawn by the image loop (with guidance against the
+    unconditional prompt, as text-to-image), conditioned on the whole conversation so far."""
+    ids = processor.chat_prompt(messages)
+    if processor.max_length is not None and len(ids) > processor.max_length:
+        raise ValueError(f"the conversation has {len(ids)} tokens, more than the limit {processor.max_length}")
+    codes = None if image_codes is None else image_codes.to(model.device)
+    boi = model.config.boi_token_id
+    new = generate_text_ids(model, torch.tensor([ids], device=model.device), codes, sampling,
+                            eos_token_id=[processor.eos_token_id, boi], pad_token_id=processor.pad_token_id,
+                            tokenizer=processor.tokenizer, streamer=streamer)[0].tolist()
+    draws = bool(new) and new[-1] == boi
+    text = processor.decode(new[:-1] if draws else new)
     for stop in (sampling.stop_strings if sampling else ()):
         text = text.split(stop)[0]
-    return text.strip()
+    if not draws:
+        return Reply(text.strip())
+    image_sampling = image_sampling or ImageSampling(cfg_scale=3.0, temperature=1.0)
+    rows = [ids + new]
+    if image_sampling.guided:
+        rows.append(processor.generation_prompt(None, unconditional=True))
+    pad_ids, mask = left_pad(rows, processor.pad_token_id)
+    generators = None if seed is None else [torch.Generator(device=model.device).manual_seed(int(seed))]
+    state = generate_image_codes(model, pad_ids.to(model.device), mask.to(model.device), image_sampling, generators,
+                                 image_codes=codes)
+    return Reply(text.strip(), torch.stack(state.codes, dim=2)[0])
+
+
+def chat(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch.Tensor | None = None,
+         sampling: TextSampling | None = None, streamer=None) -> str:
+    """The text of one assistant reply (see :func:`reply` for replies that may be pictures)."""
+    return reply(model, processor, messages, image_codes, sampling, streamer).text

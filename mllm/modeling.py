@@ -50,6 +50,9 @@ class CodeEmbedder(nn.Module):
         self.mm_projector = nn.Sequential(nn.LayerNorm(config.projection_dim, eps=1e-6),
                                           nn.Linear(config.projection_dim, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
+        # optional (config.image_position_embedding): which of the N positions an embedding belongs to
+        self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
+                                   if config.image_position_embedding else None)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[M, K, N]`` -> ``[M, N, K·code_dim]``: each book's rows l2-normalised, books concatenated in order
@@ -61,8 +64,12 @@ class CodeEmbedder(nn.Module):
 
     def forward(self, codes: torch.Tensor, cache: ProjectionCache | None = None) -> torch.Tensor:
         """``cache`` makes positions fed one at a time (generation) embed exactly as a whole image (training)."""
+        start = cache.length if cache is not None else 0  # index of the first position in ``codes``
         f = self.lookup(codes).to(self.mm_projector[1].weight.dtype)
-        return self.mm_projector(self.attn_projection(f, cache))
+        x = self.mm_projector(self.attn_projection(f, cache))
+        if self.position_embedding is not None:
+            x = x + self.position_embedding.weight[start:start + codes.shape[2]]
+        return x
 
 
 class DepthHead(nn.Module):

@@ -95,9 +95,16 @@ class MLLMProcessor:
         ids, labels, images, offset = [], [], 0, 0
         for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
-                slots = self.image_slots(self.template.image_markers)
+                at = offset - len(IMAGE_PLACEHOLDER)  # where this image's placeholder starts in ``text``
+                if any(s <= at < e for s, e in spans):
+                    # an image the assistant draws: boi, its codes (depth-head targets) and eoi are all trained,
+                    # as in a text-to-image sample; boi is how the model says "an image follows"
+                    slots = self.image_slots(markers=True)
+                    labels += slots
+                else:
+                    slots = self.image_slots(self.template.image_markers)
+                    labels += [IGNORE_INDEX] * len(slots)
                 ids += slots
-                labels += [IGNORE_INDEX] * len(slots)
                 images += 1
             enc = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=bool(spans))
             if i == 0:

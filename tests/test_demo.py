@@ -28,6 +28,16 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     assert set(results["geneval"]["per_task"]) == set(W.GENEVAL_TAGS)
     assert (cache / "eval" / "generations.png").is_file()
     assert (cache / "instruct" / "model" / "tokenizer_config.json").is_file()
+    assert set(results["vqa_diagnostics"]) == {"paraphrase", "wrong_image", "train_scenes"}
+    assert results["vqa_diagnostics"]["paraphrase"]["per_type"].keys() == results["vqa"]["per_type"].keys()
+    assert set(results["geneval_chat"]["per_task"]) == set(W.GENEVAL_TAGS)
+    assert 0 <= results["geneval_chat"]["drew_a_picture"] <= 1
+    for line in ("VQA diagnostics", "asked in chat"):
+        assert line in out
+    draw = [json.loads(line) for line in open(cache / "data" / "draw.jsonl")]
+    assert draw and all(d["conversations"][1]["value"] == "<image>" and len(d["codes"]) == 1 for d in draw)
+    vqa_text = (cache / "data" / "vqa.jsonl").read_text()
+    assert not any(t.split("{")[0] in vqa_text for t in W.PARAPHRASES.values())  # held out of training
 
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache)]) == 0
     again = json.loads((cache / "results.json").read_text())

@@ -156,13 +156,33 @@ def test_depth_decoder_steps_equal_the_transformers_layers(model):
             x = model.depth_head.codebooks[k](codes[:, k])
 
 
-def test_projection_cache_embeds_positions_as_a_whole_image(model):
+@pytest.fixture(scope="module")
+def positioned_model():
+    """The optional per-position image embedding (off in the release), with weights large enough to matter."""
+    torch.manual_seed(1)
+    return spread_weights(UniTokMLLM(small_config(image_position_embedding=True)), seed=1)
+
+
+@pytest.mark.parametrize("which", ["model", "positioned_model"])
+def test_projection_cache_embeds_positions_as_a_whole_image(which, request):
+    model = request.getfixturevalue(which)
     codes = torch.randint(0, model.config.codebook_size, (2, model.config.num_codebooks, model.config.image_positions))
     whole = model.code_embedder(codes)
     from tokenizer.projection import ProjectionCache
     cache = ProjectionCache()
     steps = torch.cat([model.code_embedder(codes[:, :, j:j + 1], cache) for j in range(codes.shape[2])], 1)
     assert (steps - whole).abs().max() < 1e-5
+
+
+def test_image_position_embedding_adds_one_row_per_slot(model, positioned_model):
+    """Off in the release (no extra tensor, so released checkpoints load strictly); on, slot j gets row j added."""
+    assert model.code_embedder.position_embedding is None
+    assert "code_embedder.position_embedding.weight" not in model.state_dict()
+    cfg = positioned_model.config
+    codes = torch.zeros(1, cfg.num_codebooks, cfg.image_positions, dtype=torch.long)
+    emb = positioned_model.code_embedder
+    without = emb.mm_projector(emb.attn_projection(emb.lookup(codes)))
+    assert torch.allclose(emb(codes)[0], without[0] + emb.position_embedding.weight, atol=1e-6)
 
 
 def _teacher_forced_guided_argmax(model, ids, mask, codes, scale):
@@ -187,8 +207,10 @@ def _teacher_forced_guided_argmax(model, ids, mask, codes, scale):
 
 
 @pytest.mark.parametrize("scale", [1.0, 4.0])
-def test_greedy_rollout_equals_teacher_forced_argmax(model, scale):
+@pytest.mark.parametrize("which", ["model", "positioned_model"])
+def test_greedy_rollout_equals_teacher_forced_argmax(which, scale, request):
     """The reference fails this (its cached loop embeds each new position alone, spec §h.2)."""
+    model = request.getfixturevalue(which)
     ids, mask = left_pad([[1, 10, 11, 12, 3], [1, 20, 3]] + ([[1, 30, 3]] * 2 if scale != 1 else []), 0)
     state = generate_image_codes(model, ids, mask, ImageSampling(cfg_scale=scale, temperature=0))
     codes = torch.stack(state.codes, 2)
@@ -420,3 +442,48 @@ def test_chat_function_uses_images(tiny_pair):
     assert a == chat(model, proc, msgs, codes, TextSampling(max_new_tokens=5))  # greedy is deterministic
     with pytest.raises(ValueError, match="image slots"):
         chat(model, proc, msgs, None, TextSampling(max_new_tokens=5))
+
+
+# ---------------------------------------------------------------------------- pictures in chat
+def test_an_assistant_image_is_trained_like_text_to_image():
+    cfg = small_config()
+    N = cfg.image_positions
+    draw = [{"role": "user", "content": "draw a cat"}, {"role": "assistant", "content": "<image>"}]
+    for template in ("unitok", "vicuna_v1"):  # boi/eoi frame a drawn image even where shown images are bare
+        enc = MLLMProcessor(_ToyTokenizer(), cfg, template=template).chat(draw)
+        assert enc.num_images == 1
+        start = enc.input_ids.index(3)
+        assert enc.input_ids[start:start + N + 3] == [3, *[IMG] * N, 4, 2]
+        assert enc.labels[start:start + N + 3] == [3, *[IMG] * N, 4, 2]  # boi, N image targets, eoi, eos
+        assert all(lab == IGNORE_INDEX for lab in enc.labels[:start - 1])
+    shown = MLLMProcessor(_ToyTokenizer(), cfg).chat([{"role": "user", "content": "<image>\nwhat?"},
+                                                      {"role": "assistant", "content": "a cat"}])
+    assert IMG not in shown.labels  # a user's image is context, never a target
+
+
+def test_reply_draws_when_the_model_emits_boi(tiny_pair, monkeypatch):
+    """After boi the picture is the image loop's rollout on the whole conversation (its images included) + boi,
+    guided by the unconditional prompt, with the request's seed."""
+    import mllm.generation as gen
+    from mllm.cli import load_mllm
+
+    model, proc = load_mllm(str(tiny_pair / "mllm"))
+    cfg = model.config
+    shown = torch.randint(0, cfg.codebook_size, (1, cfg.num_codebooks, cfg.image_positions),
+                          generator=torch.Generator().manual_seed(0))
+    msgs = [{"role": "user", "content": "<image>\ndraw a red circle"}]
+    words = proc.tokenizer("red", add_special_tokens=False).input_ids
+    monkeypatch.setattr(gen, "generate_text_ids",
+                        lambda *a, **k: torch.tensor([words + [cfg.boi_token_id]]))
+    sampling = ImageSampling(cfg_scale=3.0, temperature=1.0)
+    out = gen.reply(model, proc, msgs, shown, image_sampling=sampling, seed=5)
+    assert out.text == "red" and out.image_codes.shape == (cfg.num_codebooks, cfg.image_positions)
+    assert out.message() == {"role": "assistant", "content": "red <image>"}
+    ids, mask = left_pad([proc.chat_prompt(msgs) + words + [cfg.boi_token_id],
+                          proc.generation_prompt(None, unconditional=True)], proc.pad_token_id)
+    expected = generate_image_codes(model, ids, mask, sampling, [torch.Generator().manual_seed(5)], image_codes=shown)
+    assert torch.equal(out.image_codes, torch.stack(expected.codes, 2)[0])
+    other = gen.reply(model, proc, msgs, (shown + 1) % cfg.codebook_size, image_sampling=sampling, seed=5)
+    assert not torch.equal(other.image_codes, out.image_codes)  # the shown image conditions the drawing
+    monkeypatch.setattr(gen, "generate_text_ids", lambda *a, **k: torch.tensor([words + [proc.eos_token_id]]))
+    assert gen.reply(model, proc, msgs, shown).image_codes is None  # a reply in words draws nothing

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from eval.shapes import geneval as G
@@ -426,3 +427,51 @@ def test_world_vqa_scorer(train_scenes):
                                                       (("yes", "exists"), ("2", "count"), ("red", "color"),
                                                        ("red", "color"))])
     assert r["accuracy"] == 0.0 and r["per_type"] == {"exists": 0.0, "count": 0.0, "color": 0.0}
+
+
+def test_wordings_change_the_words_not_the_questions():
+    """Every wording asks the same questions with the same answers; canonical is WORDINGS[k][0] (the scored test
+    set, unchanged); varied draws several training wordings; the held-out paraphrases share no template with them."""
+    scenes = W.generate_split("train", 40, seed=0)
+    seen_varied = set()
+    for s in scenes:
+        qs = {w: W.questions(s, wording=w) for w in W.WORDING_STYLES}
+        for w in W.WORDING_STYLES:
+            assert [(q["answer"], q["type"]) for q in qs[w]] == [(q["answer"], q["type"]) for q in qs["canonical"]]
+        assert W.questions(s, wording="varied") == qs["varied"]  # deterministic per scene
+        seen_varied.update(q["question"] for q in qs["varied"])
+        for q in qs["canonical"]:
+            assert any(_matches(q["question"], kind[0]) for kind in W.WORDINGS.values()), q
+        for q in qs["paraphrase"]:
+            assert any(_matches(q["question"], t) for t in W.PARAPHRASES.values()), q
+    canonical = {q["question"] for s in scenes for q in W.questions(s)}
+    assert len(seen_varied - canonical) > 50
+    training = [t for kind in W.WORDINGS.values() for t in kind]
+    assert not set(W.PARAPHRASES.values()) & set(training)
+    assert W.questions(scenes[0])[0]["question"] == "What color is the cross?"
+    with pytest.raises(ValueError, match="wording"):
+        W.questions(scenes[0], wording="shouty")
+
+
+def _matches(question: str, template: str) -> bool:
+    pattern = re.escape(template)
+    for field in ("shape", "color", "shapes", "a_object", "a", "relation", "b"):
+        pattern = pattern.replace(re.escape("{" + field + "}"), ".+")
+    return re.fullmatch(pattern, question) is not None
+
+
+def test_probe_targets_put_each_object_in_its_position():
+    from eval.shapes.probe import fit_probe, position_targets
+
+    scene = W.Scene("s", (W.Obj("cross", "blue", "small", 8, 24), W.Obj("circle", "red", "large", 56, 56)))
+    t = position_targets([scene])
+    assert t["occupied"].tolist() == [0] * 4 + [1] + [0] * 10 + [1]
+    assert (t["color"][4], t["shape"][4], t["size"][4]) == (W.COLOR_NAMES.index("blue"), W.SHAPES.index("cross"),
+                                                            list(W.SIZES).index("small"))
+    assert t["shape"][15] == W.SHAPES.index("circle") and t["color"][0] == -1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 3, generator=g)
+    y = (x[:, 0] > 0).long()
+    assert fit_probe(x[:300], y[:300], x[300:], y[300:]) > 0.95  # a linearly separable target is read
+    assert fit_probe(x[:300], torch.randint(0, 2, (300,), generator=g), x[300:],
+                     torch.randint(0, 2, (100,), generator=g)) < 0.7  # noise is not

@@ -118,9 +118,20 @@ def texts_for_tokenizer(scenes, prompt_meta, template: str) -> list[str]:
              if x]
     for s in scenes:
         texts += W.captions(s)
-        texts += [q["question"] + " " + q["answer"] for q in W.questions(s)]
+        texts += [q["question"] + " " + q["answer"] for q in W.questions(s, wording="varied")]
     texts += [m["prompt"] for m in prompt_meta]
+    texts += [draw_request(m["prompt"], k) for m in prompt_meta[:len(DRAW_REQUESTS) * 20]
+              for k in range(len(DRAW_REQUESTS))]
     return texts
+
+
+DRAW_REQUESTS = ("Draw {}.", "Can you draw {}?", "Show me {}.", "Make a picture of {}.", "Please draw {}.")
+
+
+def draw_request(prompt: str, k: int = 0) -> str:
+    """A chat request for the picture a GenEval-style prompt describes: "a photo of a red circle" -> "Draw a red
+    circle." (``k`` picks the wording; 0 is the one the demo scores)."""
+    return DRAW_REQUESTS[k].format(prompt.removeprefix("a photo of ").strip())
 
 
 def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, template: str) -> None:
@@ -159,9 +170,16 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
     with open(out / "prompts.jsonl", "w") as f:
         for s, meta, c in zip(prompt_scenes, prompt_meta, prompt_codes):
             f.write(json.dumps({"id": s.id, "text": meta["prompt"], "codes": c}) + "\n")
+    # ask-and-draw chat turns (instruction mixture): the assistant answers "Draw ..." with boi + the image codes
+    with open(out / "draw.jsonl", "w") as f:
+        for s, meta, c in zip(prompt_scenes, prompt_meta, prompt_codes):
+            request = draw_request(meta["prompt"], int(rng.integers(len(DRAW_REQUESTS))))
+            f.write(json.dumps({"id": s.id, "conversations": [{"from": "human", "value": request},
+                                                              {"from": "gpt", "value": "<image>"}],
+                                "codes": [c]}) + "\n")
     with open(out / "vqa.jsonl", "w") as f:
         for s, c in zip(scenes, scene_codes):
-            qs = W.questions(s)
+            qs = W.questions(s, wording="varied")  # the held-out paraphrases stay out of training
             order = rng.permutation(len(qs))
             # half single-question conversations (the eval format), half multi-turn over the same image
             for chunk in ([[int(i)] for i in order[:3]] + [[int(i) for i in order[3:]]]):
@@ -196,7 +214,8 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
 
 def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
     from eval.shapes import world as W
-    from eval.shapes.evaluate import evaluate_generation, evaluate_vqa, test_scenes, tokenizer_psnr
+    from eval.shapes.evaluate import (evaluate_generation, evaluate_vqa, reconstruction_ceiling, test_scenes,
+                                      tokenizer_psnr)
     from mllm.cli import load_mllm, load_unitok
     from mllm.generation import ImageSampling
     from tokenizer.image import make_grid
@@ -207,12 +226,21 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
     t = time.perf_counter()
     psnr = tokenizer_psnr(unitok, scenes)
     vqa = evaluate_vqa(model, processor, unitok, scenes)
+    # diagnostics: the same questions reworded (held-out paraphrases), about another scene's image (does the answer
+    # use the image?), and on training scenes (memorising or underfitting?)
+    diagnostics = {
+        "paraphrase": evaluate_vqa(model, processor, unitok, scenes, wording="paraphrase"),
+        "wrong_image": evaluate_vqa(model, processor, unitok, scenes, image_shift=1),
+        "train_scenes": evaluate_vqa(model, processor, unitok, W.generate_split("train", size.test_scenes, seed=seed)),
+    }
     t_vqa = time.perf_counter() - t
     prompts = W.geneval_prompts(size.prompts_per_tag)
     t = time.perf_counter()
     # plain sampling with guidance (greedy decoding collapses to one image per model, as in other AR generators)
     gen = evaluate_generation(model, processor, unitok, prompts, 1, ImageSampling(cfg_scale=3.0, temperature=1.0),
                               seed=seed, out_dir=out / "geneval")
+    chat_gen = evaluate_chat_drawing(model, processor, unitok, prompts, seed)
+    ceiling = reconstruction_ceiling(unitok, prompts, seed)
     t_gen = time.perf_counter() - t
     # the grid: the first generation of one prompt per tag, then more single/two-object prompts
     picked = []
@@ -221,9 +249,36 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
     grid = make_grid(gen["images"][picked], ncols=4)
     grid.resize((grid.width * 3, grid.height * 3), 0).save(out / "generations.png")  # nearest-neighbour x3
     results = {"psnr": psnr, "vqa": {k: v for k, v in vqa.items() if k != "scores"},
-               "geneval": gen["summary"], "grid_prompts": [gen["results"][i]["prompt"] for i in picked],
+               "vqa_diagnostics": {k: {"accuracy": v["accuracy"], "per_type": v["per_type"]}
+                                   for k, v in diagnostics.items()},
+               "geneval": gen["summary"], "geneval_chat": chat_gen, "geneval_reconstructions": ceiling, "grid_prompts": [gen["results"][i]["prompt"] for i in picked],
                "seconds": {"vqa": t_vqa, "geneval": t_gen}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def evaluate_chat_drawing(model, processor, unitok, prompts: list[dict], seed: int) -> dict:
+    """GenEval rules on pictures asked for in chat ("Draw a red circle."): the reply must be a picture (boi), which
+    is then scored like a text-to-image sample; a reply in words scores 0."""
+    from eval.shapes.geneval import score_image, summarize
+    from mllm.generation import ImageSampling, TextSampling, reply
+    from tokenizer.image import to_pil
+
+    results, drew = [], 0
+    for k, meta in enumerate(prompts):
+        answer = reply(model, processor, [{"role": "user", "content": draw_request(meta["prompt"])}],
+                       sampling=TextSampling(max_new_tokens=8), seed=seed + 1000 * k,
+                       image_sampling=ImageSampling(cfg_scale=3.0, temperature=1.0))
+        if answer.image_codes is None:
+            results.append({"tag": meta["tag"], "prompt": meta["prompt"], "metadata": json.dumps(meta),
+                             "correct": False, "reason": f"answered in words: {answer.text!r}"})
+            continue
+        drew += 1
+        with torch.no_grad():
+            img = to_pil(unitok.decode(answer.image_codes[None].to(next(unitok.parameters()).device))[0].cpu())
+        results.append({"prompt_index": k, **score_image(img, meta)})
+    summary = summarize(results)
+    summary["drew_a_picture"] = drew / max(1, len(prompts))
+    return summary
 
 
 # ================================================================================================ driver
@@ -285,10 +340,39 @@ def show_examples(results: dict, n: int = 6) -> str:
     return "\n".join(lines)
 
 
+def format_diagnostics(results: dict) -> str:
+    """VQA per type: test (canonical wording) beside held-out paraphrases, another scene's image, training scenes."""
+    diag = results.get("vqa_diagnostics")
+    if not diag:
+        return ""
+    cols = [("test", results["vqa"])] + [(k, diag[k]) for k in ("paraphrase", "wrong_image", "train_scenes")]
+    lines = ["VQA diagnostics (%)      " + "".join(f"{name:>13}" for name, _ in cols)]
+    for t in sorted(results["vqa"]["per_type"]):
+        lines.append(f"    {t:<20} " + "".join(f"{100 * r['per_type'].get(t, float('nan')):13.1f}" for _, r in cols))
+    lines.append(f"    {'all':<20} " + "".join(f"{100 * r['accuracy']:13.1f}" for _, r in cols))
+    return "\n".join(lines)
+
+
+def format_chat_drawing(results: dict) -> list[str]:
+    chat = results.get("geneval_chat")
+    if not chat:
+        return []
+    tags = "  ".join(f"{t} {v:.2f}" for t, v in chat["per_task"].items())
+    lines = [f"GenEval-style, asked in chat ('Draw ...'): overall {chat['overall']:.3f}, a picture in "
+             f"{100 * chat['drew_a_picture']:.0f} % of replies", f"    {tags}"]
+    ceiling = results.get("geneval_reconstructions")
+    if ceiling:
+        lines.append(f"GenEval-style of the tokenizer's reconstructions of exact scenes (the generator's ceiling): "
+                     f"{ceiling['overall']:.3f}")
+    return lines + [""]
+
+
 def format_table(results: dict) -> str:
     from eval.shapes.evaluate import format_scores
 
     lines = [show_examples(results), "", format_scores(results["psnr"], results["vqa"], results["geneval"]), "",
+             format_diagnostics(results), "",
+             *format_chat_drawing(results),
              "stage times (s):  " + "  ".join(f"{k} {v['seconds']:.0f}{'*' if v['cached'] else ''}"
                                              for k, v in results["stages"].items())
              + "   (* cached from an earlier run)",

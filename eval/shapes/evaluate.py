@@ -75,10 +75,15 @@ def answer(model, processor, codes: torch.Tensor, questions: list[str], batch_si
     return out
 
 
-def evaluate_vqa(model, processor, unitok, scenes: list[W.Scene], batch_size: int = 32) -> dict[str, Any]:
+def evaluate_vqa(model, processor, unitok, scenes: list[W.Scene], batch_size: int = 32,
+                 wording: str = "canonical", image_shift: int = 0) -> dict[str, Any]:
+    """Accuracy on the scenes' questions in one wording (``world.WORDING_STYLES``): ``canonical`` is the test set,
+    ``paraphrase`` the same questions in the held-out wording. ``image_shift=1`` is the image-blind control: each
+    question is asked about the next scene's image (an answer that does not move reads only the question)."""
     codes = encode_scenes(unitok, scenes)
-    items = [(i, q) for i, s in enumerate(scenes) for q in W.questions(s)]
-    preds = answer(model, processor, codes[[i for i, _ in items]], [q["question"] for _, q in items], batch_size)
+    items = [(i, q) for i, s in enumerate(scenes) for q in W.questions(s, wording=wording)]
+    image_of = [(i + image_shift) % len(scenes) for i, _ in items]
+    preds = answer(model, processor, codes[image_of], [q["question"] for _, q in items], batch_size)
     result = score_vqa(preds, [q for _, q in items])
     result["examples"] = [{"scene": scenes[i].id, **q, "prediction": p} for (i, q), p in zip(items, preds)]
     return result
@@ -110,6 +115,19 @@ def evaluate_generation(model, processor, unitok, prompts: list[dict], images_pe
                 (folder / "metadata.jsonl").write_text(json.dumps(m))
                 img.save(folder / "samples" / f"{s % 1000:04d}.png")
     return {"summary": summarize(results), "results": results, "images": torch.stack(images) if images else None}
+
+
+@torch.no_grad()
+def reconstruction_ceiling(unitok, prompts: list[dict], seed: int = 0) -> dict[str, Any]:
+    """GenEval rules on the tokenizer's reconstructions of scenes drawn exactly as each prompt says: the score a
+    generator that reproduced its training distribution perfectly would get through this tokenizer."""
+    from tokenizer.image import to_pil
+
+    rng = np.random.default_rng(seed)
+    scenes = [W.scene_for_prompt(m, rng) for m in prompts]
+    device = next(unitok.parameters()).device
+    rec = unitok.decode(unitok.encode(images_tensor(scenes, unitok.config.image_size).to(device))).cpu()
+    return summarize([score_image(to_pil(px), m) for px, m in zip(rec, prompts)])
 
 
 # ---------------------------------------------------------------------------- CLI: unitok eval shapes
@@ -168,5 +186,5 @@ def format_scores(psnr: float, vqa: dict, gen: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["test_scenes", "tokenizer_psnr", "encode_scenes", "answer", "evaluate_vqa", "evaluate_generation",
+__all__ = ["test_scenes", "tokenizer_psnr", "reconstruction_ceiling", "encode_scenes", "answer", "evaluate_vqa", "evaluate_generation",
            "format_scores", "vqa_messages", "VQA_SUFFIX", "images_tensor"]

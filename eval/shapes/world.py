@@ -446,7 +446,40 @@ def _q(question: str, answer: str, qtype: str) -> dict[str, str]:
     return {"question": question, "answer": answer, "type": qtype}
 
 
-def questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG) -> list[dict[str, str]]:
+# Wordings of each question kind. Index 0 is the canonical wording (the scored test set); training draws from all
+# of WORDINGS; PARAPHRASES is a fixed held-out set, worded unlike any training template, that measures whether the
+# model reads the question or keys on its template (never in training, nor in the text tokenizer's corpus).
+WORDINGS: dict[str, tuple[str, ...]] = {
+    "color": ("What color is the {shape}?", "What colour is the {shape}?", "Which color is the {shape}?",
+              "What is the color of the {shape}?", "Tell me the color of the {shape}."),
+    "shape": ("What shape is the {color} object?", "Which shape is {color}?", "What is the {color} shape?",
+              "Name the shape of the {color} object."),
+    "size": ("What size is the {color} {shape}?", "Is the {color} {shape} small or large?",
+             "How big is the {color} {shape}?"),
+    "count_shape": ("How many {shapes} are there?", "How many {shapes} do you see?", "Count the {shapes}.",
+                    "What is the number of {shapes}?"),
+    "count_color": ("How many {color} objects are there?", "How many {color} shapes do you see?",
+                    "Count the {color} objects."),
+    "count_all": ("How many objects are there?", "How many shapes are in the image?", "Count the objects."),
+    "exists": ("Is there {a_object}?", "Do you see {a_object}?", "Does the image contain {a_object}?"),
+    "position": ("Is the {a} {relation} the {b}?", "Is the {a} located {relation} the {b}?",
+                 "Would you say the {a} is {relation} the {b}?"),
+}
+PARAPHRASES: dict[str, str] = {
+    "color": "Can you tell what hue the {shape} has?",
+    "shape": "The {color} thing: what form does it take?",
+    "size": "Would you call the {color} {shape} little or big?",
+    "count_shape": "Give me the total of {shapes} in this picture.",
+    "count_color": "In this picture, how many items are {color}?",
+    "count_all": "What's the overall number of items here?",
+    "exists": "Can you spot {a_object} anywhere?",
+    "position": "In the picture, does the {a} appear {relation} the {b}?",
+}
+WORDING_STYLES = ("canonical", "varied", "paraphrase")
+
+
+def questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG,
+              wording: str = "canonical") -> list[dict[str, str]]:
     """Short-answer questions with their answers, as ``{"question", "answer", "type"}``.
 
     Types: ``color`` ("What color is the circle?": only for a shape present once), ``shape`` ("What shape is the
@@ -455,8 +488,14 @@ def questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG) -> list[dict[s
     one "no" per scene; the "no" is a near miss: a present shape in another colour or a present colour on another
     shape), ``position`` (one "yes" and, when possible, one "no": "Is the red circle left of the blue square?",
     decided by GenEval's rule with a clear margin). Answers are already in normal form
-    (``vqa_metric.normalize_answer(a) == a``). Deterministic per scene."""
+    (``vqa_metric.normalize_answer(a) == a``). Deterministic per scene.
+
+    ``wording``: ``canonical`` (``WORDINGS[kind][0]``), ``varied`` (a training wording drawn per question) or
+    ``paraphrase`` (the held-out ``PARAPHRASES``). The questions asked and their answers do not depend on it."""
+    if wording not in WORDING_STYLES:
+        raise ValueError(f"wording must be one of {WORDING_STYLES}, got {wording!r}")
     rng = _rng_for(scene, "questions")
+    word_rng = _rng_for(scene, "wording")  # its own stream: the questions asked do not depend on the wording
     objs = list(scene.objects)
     out: list[dict[str, str]] = []
     shape_count: dict[str, int] = {}
@@ -468,37 +507,45 @@ def questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG) -> list[dict[s
     def pick(seq):
         return seq[int(rng.integers(len(seq)))]
 
+    def ask(kind: str, answer: str, qtype: str, **fields) -> None:
+        if wording == "paraphrase":
+            template = PARAPHRASES[kind]
+        else:
+            options = WORDINGS[kind]
+            template = options[int(word_rng.integers(len(options)))] if wording == "varied" else options[0]
+        out.append(_q(template.format(**fields), answer, qtype))
+
     uniq_shape = [o for o in objs if shape_count[o.shape] == 1]
     if uniq_shape:
         o = pick(uniq_shape)
-        out.append(_q(f"What color is the {o.shape}?", o.color, "color"))
+        ask("color", o.color, "color", shape=o.shape)
     uniq_color = [o for o in objs if color_count[o.color] == 1]
     if uniq_color:
         o = pick(uniq_color)
-        out.append(_q(f"What shape is the {o.color} object?", o.shape, "shape"))
+        ask("shape", o.shape, "shape", color=o.color)
     o = pick(objs)
-    out.append(_q(f"What size is the {o.color} {o.shape}?", o.size, "size"))
+    ask("size", o.size, "size", color=o.color, shape=o.shape)
 
     # counting: by shape (a present one 3 times in 4), then by colour (same) or in total
     absent_shapes = [s for s in SHAPES if s not in shape_count]
     s = pick(absent_shapes) if absent_shapes and rng.random() < 0.25 else pick(sorted(shape_count))
-    out.append(_q(f"How many {make_plural(s)} are there?", str(shape_count.get(s, 0)), "count"))
+    ask("count_shape", str(shape_count.get(s, 0)), "count", shapes=make_plural(s))
     if rng.random() < 0.5:
         absent_colors = [c for c in COLOR_NAMES if c not in color_count]
         c = pick(absent_colors) if absent_colors and rng.random() < 0.25 else pick(sorted(color_count))
-        out.append(_q(f"How many {c} objects are there?", str(color_count.get(c, 0)), "count"))
+        ask("count_color", str(color_count.get(c, 0)), "count", color=c)
     else:
-        out.append(_q("How many objects are there?", str(len(objs)), "count"))
+        ask("count_all", str(len(objs)), "count")
 
     # existence, balanced
     present = {(o.color, o.shape) for o in objs}
     o = pick(objs)
-    out.append(_q(f"Is there {with_article(o.color + ' ' + o.shape)}?", "yes", "exists"))
+    ask("exists", "yes", "exists", a_object=with_article(o.color + " " + o.shape))
     ref = pick(objs)
     misses = [(c, ref.shape) for c in COLOR_NAMES if (c, ref.shape) not in present]
     misses += [(ref.color, s) for s in SHAPES if (ref.color, s) not in present]
     c, s = pick(misses)
-    out.append(_q(f"Is there {with_article(c + ' ' + s)}?", "no", "exists"))
+    ask("exists", "no", "exists", a_object=with_article(c + " " + s))
 
     # relative position, balanced when possible
     if len(objs) >= 2:
@@ -508,10 +555,10 @@ def questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG) -> list[dict[s
         for a, b in order:
             yes, no = _clear_relations(a, b, config.position_margin)
             if not asked_yes and yes:
-                out.append(_q(f"Is the {a.name()} {pick(yes)} the {b.name()}?", "yes", "position"))
+                ask("position", "yes", "position", a=a.name(), relation=pick(yes), b=b.name())
                 asked_yes = True
             elif not asked_no and no:
-                out.append(_q(f"Is the {a.name()} {pick(no)} the {b.name()}?", "no", "position"))
+                ask("position", "no", "position", a=a.name(), relation=pick(no), b=b.name())
                 asked_no = True
             if asked_yes and asked_no:
                 break
