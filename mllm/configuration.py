@@ -63,7 +63,24 @@ class UniTokMLLMConfig(LlamaConfig):
     def from_preset(cls, name: str, **overrides) -> "UniTokMLLMConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown MLLM preset {name!r}; choose from {', '.join(PRESETS)}")
+        check_field_names(overrides, f"overrides of preset {name!r}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def check_field_names(names, where: str = "config") -> None:
+    """Raise naming the first name that is not a :class:`UniTokMLLMConfig` field, with the nearest valid one: a
+    typo (``num_codebook``) would otherwise become a stray attribute while the real field keeps its default."""
+    import dataclasses
+    import difflib
+
+    from .hf_compat import LEGACY_ROPE_FIELDS
+
+    known = {f.name for f in dataclasses.fields(UniTokMLLMConfig)} | set(LEGACY_ROPE_FIELDS)
+    for name in names:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"{where}: {name!r} is not a UniTokMLLMConfig field{hint}")
 
 
 def image_side_from_tokenizer(tokenizer_config) -> dict:

@@ -234,3 +234,20 @@ def test_clip_loss_matches_open_clip_formula():
     assert img.grad is not None and img.grad.abs().sum() > 0
     # perfectly aligned pairs with a large scale give ~0 loss
     assert clip_loss(txt, txt, torch.tensor(100.0)).item() < 1e-3
+
+
+def test_model_overrides_reject_a_typo_naming_the_nearest_field():
+    """``num_codebook: 4`` used to become a stray attribute while ``num_codebooks`` stayed 8."""
+    from mllm import UniTokMLLMConfig
+    from train.common.config import ConfigError
+    from train.mllm.config import MLLMTrainConfig
+
+    base = ["model.preset=tiny", "model.text_tokenizer=x"]
+    with pytest.raises(ConfigError, match=r"model.overrides: 'num_codebook' is not a UniTokMLLMConfig field; "
+                                          r"did you mean 'num_codebooks'\?"):
+        MLLMTrainConfig.load(None, base + ["model.overrides={num_codebook: 4}"])
+    ok = MLLMTrainConfig.load(None, base + ["model.overrides={num_codebooks: 4, rope_theta: 5.0e+5}"])
+    assert ok.model.overrides == {"num_codebooks": 4, "rope_theta": 5.0e5}
+    with pytest.raises(ValueError, match="'hiden_size' is not a UniTokMLLMConfig field; did you mean 'hidden_size'"):
+        UniTokMLLMConfig.from_preset("tiny", hiden_size=64)
+    assert UniTokMLLMConfig.from_preset("tiny", num_codebooks=4).num_codebooks == 4

@@ -38,6 +38,9 @@ class ModelConfig:
         given = [k for k in ("preset", "pretrained", "llama") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"set exactly one of model.preset / model.pretrained / model.llama (got {given or 'none'})")
+        from mllm.configuration import check_field_names
+
+        check_field_names(self.overrides, "model.overrides")
 
 
 @dataclass
