@@ -62,3 +62,24 @@ def test_lora_train_merge_gives_the_adapter_outputs(tmp_path):
     assert not torch.equal(merged.depth_head.linear_head.weight, plain.depth_head.linear_head.weight)
     assert torch.equal(merged.model.embed_tokens.weight, plain.model.embed_tokens.weight)  # not trained
     assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+
+def test_merge_refuses_a_state_with_a_renamed_or_missing_base_key():
+    """A base tensor missing from the state (e.g. renamed by a peft release) must fail, not export random weights."""
+    import pytest
+
+    from train.mllm.trainer import merge_lora_state
+
+    cfg = MLLMTrainConfig.load(None, ["model.preset=tiny", "model.text_tokenizer=x", "lora.enabled=true"])
+    torch.manual_seed(0)
+    model = apply_lora(UniTokMLLM(UniTokMLLMConfig.from_preset("tiny", depth_layers=1)), cfg)
+    state = model.state_dict()
+    merged = merge_lora_state(model.base_model.model.config, state, cfg)  # the complete state merges
+    key = next(k for k in state if k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, state[key])  # lora_B starts at zero
+    renamed = {(k.replace("base_layer", "base") if k == key else k): v for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"1 missing \[.*q_proj\.base_layer\.weight.*1 unexpected"):
+        merge_lora_state(model.base_model.model.config, renamed, cfg)
+    dropped = {k: v for k, v in state.items() if k != key}  # the earlier merge let a missing base key through
+    with pytest.raises(ValueError, match=r"1 missing \[.*q_proj\.base_layer\.weight.*0 unexpected"):
+        merge_lora_state(model.base_model.model.config, dropped, cfg)

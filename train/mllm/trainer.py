@@ -338,12 +338,15 @@ class MLLMTrainer:
 
 
 def merge_lora_state(config: UniTokMLLMConfig, state: dict[str, torch.Tensor], cfg: MLLMTrainConfig) -> UniTokMLLM:
-    """A plain model from a full PEFT state dict (base weights + adapters), merged on CPU in float32."""
+    """A plain model from a full PEFT state dict (base weights + adapters), merged on CPU in float32. Every tensor
+    of the model must come from ``state``: the model is freshly initialised, so a key lost to a peft rename would
+    otherwise export random weights."""
     base = UniTokMLLM(config)
     peft_model = apply_lora(base, cfg)
     missing, unexpected = peft_model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
-    if unexpected or [k for k in missing if "lora_" in k]:
-        raise ValueError(f"LoRA state does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if missing or unexpected:
+        raise ValueError(f"LoRA state does not fit the model: {len(missing)} missing {missing[:5]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:5]}")
     return peft_model.merge_and_unload()
 
 
