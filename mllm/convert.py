@@ -73,6 +73,14 @@ def rename_released_key(key: str) -> str:
     return key
 
 
+def released_key(key: str) -> str:
+    """The inverse of :func:`rename_released_key`: our key -> the released checkpoint's name for it."""
+    for old, new in RENAMES:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
 def llama_fields(config_path: str | Path) -> dict:
     """The Llama fields of a ``config.json`` (model_type llama, mini_gemini, ...), through ``LlamaConfig``."""
     raw = json.loads(Path(config_path).read_text())

@@ -243,16 +243,12 @@ class Reply:
         return {"role": "assistant", "content": content}
 
 
-def reply(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch.Tensor | None = None,
-          sampling: TextSampling | None = None, streamer=None, image_sampling: ImageSampling | None = None,
-          seed: int | None = None) -> Reply:
-    """One assistant turn after ``messages`` (``<image>`` placeholders in order of ``image_codes`` [M, K, N]).
-    Text is generated until eos or boi; after boi the image is drawn by the image loop (with guidance against the
-    unconditional prompt, as text-to-image), conditioned on the whole conversation so far."""
+def _text_turn(model: UniTokMLLM, processor, messages: list[dict], codes: torch.Tensor | None,
+               sampling: TextSampling | None, streamer) -> tuple[list[int], list[int], str, bool]:
+    """Prompt ids, new ids, their text, and whether the reply ends in boi (the model starts a picture)."""
     ids = processor.chat_prompt(messages)
     if processor.max_length is not None and len(ids) > processor.max_length:
         raise ValueError(f"the conversation has {len(ids)} tokens, more than the limit {processor.max_length}")
-    codes = None if image_codes is None else image_codes.to(model.device)
     boi = model.config.boi_token_id
     new = generate_text_ids(model, torch.tensor([ids], device=model.device), codes, sampling,
                             eos_token_id=[processor.eos_token_id, boi], pad_token_id=processor.pad_token_id,
@@ -261,8 +257,19 @@ def reply(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch
     text = processor.decode(new[:-1] if draws else new)
     for stop in (sampling.stop_strings if sampling else ()):
         text = text.split(stop)[0]
+    return ids, new, text.strip(), draws
+
+
+def reply(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch.Tensor | None = None,
+          sampling: TextSampling | None = None, streamer=None, image_sampling: ImageSampling | None = None,
+          seed: int | None = None) -> Reply:
+    """One assistant turn after ``messages`` (``<image>`` placeholders in order of ``image_codes`` [M, K, N]).
+    Text is generated until eos or boi; after boi the image is drawn by the image loop (with guidance against the
+    unconditional prompt, as text-to-image), conditioned on the whole conversation so far."""
+    codes = None if image_codes is None else image_codes.to(model.device)
+    ids, new, text, draws = _text_turn(model, processor, messages, codes, sampling, streamer)
     if not draws:
-        return Reply(text.strip())
+        return Reply(text)
     image_sampling = image_sampling or ImageSampling(cfg_scale=3.0, temperature=1.0)
     rows = [ids + new]
     if image_sampling.guided:
@@ -271,10 +278,11 @@ def reply(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch
     generators = None if seed is None else [torch.Generator(device=model.device).manual_seed(int(seed))]
     state = generate_image_codes(model, pad_ids.to(model.device), mask.to(model.device), image_sampling, generators,
                                  image_codes=codes)
-    return Reply(text.strip(), torch.stack(state.codes, dim=2)[0])
+    return Reply(text, torch.stack(state.codes, dim=2)[0])
 
 
 def chat(model: UniTokMLLM, processor, messages: list[dict], image_codes: torch.Tensor | None = None,
          sampling: TextSampling | None = None, streamer=None) -> str:
-    """The text of one assistant reply (see :func:`reply` for replies that may be pictures)."""
-    return reply(model, processor, messages, image_codes, sampling, streamer).text
+    """The text of one assistant reply; a reply that starts a picture ends at boi, undrawn (see :func:`reply`)."""
+    codes = None if image_codes is None else image_codes.to(model.device)
+    return _text_turn(model, processor, messages, codes, sampling, streamer)[2]

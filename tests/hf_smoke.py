@@ -138,7 +138,7 @@ def run(workdir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     from mllm import MLLMProcessor, UniTokMLLM
-    from mllm.convert import RENAMES, convert_released
+    from mllm.convert import convert_released, released_key
     from mllm.generation import ImageSampling, TextSampling, generate_images, generate_text_ids
     from mllm_train_helpers import make_data, write_recipe
     from train.mllm.config import MLLMTrainConfig
@@ -198,13 +198,7 @@ def run(workdir: Path) -> list[str]:
                                               "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                                               "rms_norm_eps", "tie_word_embeddings", "pad_token_id")}
         (src / "config.json").write_text(json.dumps({**llama, "model_type": "mini_gemini", "rope_theta": 10000.0}))
-        state = {}
-        for k, v in trained.state_dict().items():
-            for old, new_prefix in RENAMES:
-                if k.startswith(new_prefix):
-                    k = old + k[len(new_prefix):]
-            state[k] = v.clone()
-        torch.save(state, src / "pytorch_model.bin")
+        torch.save({released_key(k): v.clone() for k, v in trained.state_dict().items()}, src / "pytorch_model.bin")
         sizes = {k: getattr(cfg, k) for k in ("num_codebooks", "codebook_size", "code_dim", "projection_dim",
                                               "projection_heads", "depth_layers", "image_positions")}
         convert_released(src, workdir / "converted", **sizes)

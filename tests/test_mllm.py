@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import unitok_cli
 from mllm import IGNORE_INDEX, MLLMProcessor, SampleTooLong, UniTokMLLM, UniTokMLLMConfig
-from mllm.convert import RENAMES, convert_released
+from mllm.convert import convert_released, rename_released_key, released_key
 from mllm.conversation import get_template
 from mllm.generation import (ImageSampling, TextSampling, chat, filter_logits, generate_image_codes,
                              generate_images, generate_text_ids, left_pad)
@@ -311,13 +311,7 @@ def test_save_and_auto_load_roundtrip(tmp_path):
 
 
 def _released_layout(model: UniTokMLLM) -> dict[str, torch.Tensor]:
-    state = {}
-    for k, v in model.state_dict().items():
-        for old, new in RENAMES:
-            if k.startswith(new):
-                k = old + k[len(new):]
-        state[k] = v.clone()
-    return state
+    return {released_key(k): v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("fmt", ["sharded-safetensors", "bin"])
@@ -331,6 +325,8 @@ def test_convert_released_layout(model, tmp_path, fmt):
     (src / "config.json").write_text(json.dumps({**llama, "model_type": "mini_gemini", "rope_theta": 10000.0,
                                                  "architectures": ["MiniGeminiLlamaForCausalLM"]}))
     state = _released_layout(model)
+    assert any(k.startswith("ar_head.") for k in state)
+    assert all(rename_released_key(released_key(k)) == k for k in model.state_dict())  # the two are inverses
     if fmt == "bin":
         torch.save(state, src / "pytorch_model.bin")
     else:
@@ -485,5 +481,10 @@ def test_reply_draws_when_the_model_emits_boi(tiny_pair, monkeypatch):
     assert torch.equal(out.image_codes, torch.stack(expected.codes, 2)[0])
     other = gen.reply(model, proc, msgs, (shown + 1) % cfg.codebook_size, image_sampling=sampling, seed=5)
     assert not torch.equal(other.image_codes, out.image_codes)  # the shown image conditions the drawing
+    def no_drawing(*a, **k):
+        raise AssertionError("chat() is text only: it must not run the image loop")
+
+    monkeypatch.setattr(gen, "generate_image_codes", no_drawing)
+    assert gen.chat(model, proc, msgs, shown) == "red"  # ends at boi, undrawn
     monkeypatch.setattr(gen, "generate_text_ids", lambda *a, **k: torch.tensor([words + [proc.eos_token_id]]))
     assert gen.reply(model, proc, msgs, shown).image_codes is None  # a reply in words draws nothing
