@@ -18,6 +18,7 @@ import torch
 
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig
 from mllm import hf_compat as hf
+from train.data.collate import varlen_kwargs
 
 
 def packed_batch(cfg: UniTokMLLMConfig, rows: int, row_tokens: int, seed: int = 0):
@@ -52,8 +53,9 @@ def packed_batch(cfg: UniTokMLLMConfig, rows: int, row_tokens: int, seed: int = 
         labels.append(r_lab + [IGNORE_INDEX] * pad)
         r_pos += list(range(pad))
         pos.append(r_pos)
-    return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=torch.tensor(pos),
-                image_codes=torch.stack(images))
+    position_ids = torch.tensor(pos)
+    return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=position_ids,
+                image_codes=torch.stack(images), **varlen_kwargs(position_ids))
 
 
 def model_flops(model: UniTokMLLM, batch: dict, out) -> float:
@@ -92,7 +94,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = UniTokMLLM(cfg).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = {k: v.to(device) for k, v in packed_batch(cfg, args.rows, args.row_tokens).items()}
+    batch = packed_batch(cfg, args.rows, args.row_tokens)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tokens = batch["input_ids"].numel()
     times, out = [], None
     for i in range(args.steps + 1):

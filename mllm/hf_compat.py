@@ -25,6 +25,10 @@ Llama layers                    ``LlamaDecoderLayer`` attributes read by ``mllm.
                                 ``[1, T, head_dim]``; a decoder layer returning a tensor (not a tuple).
 ``LEGACY_ROPE_FIELDS``          v5 ``LlamaConfig`` keeps rope in ``rope_parameters`` but still converts the Llama-2
                                 ``config.json`` fields ``rope_theta`` / ``rope_scaling`` (read by ``mllm.convert``).
+packed batches                  ``FlashAttentionKwargs`` names ``cu_seq_lens_q/k``, ``max_length_q/k`` (passed through
+                                ``LlamaModel.forward(**kwargs)`` to the attention function; the varlen path flattens
+                                the batch, so several rows work); ``tests/test_packing.py`` also patches
+                                ``modeling_flash_attention_utils._lazy_imports`` to run that path with torch kernels.
 config                          v5 configs are dataclasses; ``UniTokMLLMConfig.__post_init__(**kwargs)`` chains to
                                 ``LlamaConfig.__post_init__`` (``mllm.configuration``).
 ==============================  ====================================================================================

@@ -8,15 +8,21 @@
   a **causal** attention projection over one image's positions, then an MLP projector to the hidden size.
 * :class:`DepthHead` — for image position j, the sequence ``[h_{j-1}, E_0(c_j^0), …, E_{K-2}(c_j^{K-2})]`` (h: the
   backbone's final-normed state before position j) runs through a few Llama layers; slot k predicts sub-code k.
-* One next-token loss: text CE on text targets and sub-code CE (+ z-loss) on image targets, weighted by their counts
-  exactly as the reference (spec §c). The LM head runs only where a text target exists and the depth head only on
-  image positions that carry targets.
+* One next-token loss: every supervised item — a text target token or an image sub-code (CE + its z-loss) — weighs
+  the same, so the loss is ``(Σ text CE + Σ sub-code CE + Σ z) / items``: on its own batch exactly the reference's
+  count-weighted mean of the text and image losses (spec §c). Given ``num_items_in_batch`` (the items of the whole
+  optimiser step per micro-batch, as transformers' Trainer passes it) the sum is divided by that instead, so that a
+  global batch gives the same gradient however it is split into micro-batches, accumulation steps and ranks. The LM
+  head runs on text targets only and the depth head on supervised image positions only; in training a part with no
+  targets in this micro-batch still runs once with weight 0, so every rank runs every trainable submodule on every
+  step (ZeRO-3 gathers parameters per submodule: ranks that skip different ones would deadlock).
 
 Sequence conventions (also see :mod:`mllm.processing`): every image occupies ``image_positions`` consecutive slots of
 ``input_ids`` equal to ``config.image_placeholder_id``; ``image_codes`` ``[M, K, N]`` lists the images in order of
 appearance. In ``labels`` an image slot holds ``image_placeholder_id`` when its codes are a target (text-to-image) and
 ``IGNORE_INDEX`` otherwise. Packed rows (several samples per row) are expressed with ``position_ids`` restarting at
-0 per sample; transformers then builds a block-diagonal causal mask (sdpa/eager) or varlen flash-attention.
+0 per sample; transformers then builds a block-diagonal causal mask (sdpa/eager), and flash-attention takes the
+sequences from the collator's ``cu_seq_lens_*`` / ``max_length_*`` (passed through ``**kwargs``).
 """
 from __future__ import annotations
 
@@ -255,6 +261,7 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
+        num_items_in_batch: int | float | torch.Tensor | None = None,
         **kwargs,
     ) -> UniTokMLLMOutput:
         cache = hf.take_cache(cache, kwargs)
@@ -262,6 +269,9 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, image_codes)
+        training = labels is not None and torch.is_grad_enabled()
+        if training and input_ids is not None and not (input_ids == self.config.image_placeholder_id).any():
+            inputs_embeds = inputs_embeds + 0.0 * self._unused_image_side()
         if labels is not None and use_cache is None:
             use_cache = False  # training: no cache, so packed rows (restarting position_ids) get a block mask
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -274,10 +284,17 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
             return result
         if input_ids is None:
             raise ValueError("training with labels needs input_ids (to locate the image slots)")
-        return self._loss(result, hidden, input_ids, labels, image_codes)
+        return self._loss(result, hidden, input_ids, labels, image_codes, num_items_in_batch, training)
+
+    def _unused_image_side(self) -> torch.Tensor:
+        """A scalar that depends on every trainable code-embedder parameter: one blank image through it."""
+        cfg = self.config
+        codes = torch.zeros((1, cfg.num_codebooks, cfg.image_positions), dtype=torch.long, device=self.device)
+        return self.code_embedder(codes).mean()
 
     def _loss(self, result: UniTokMLLMOutput, hidden: torch.Tensor, input_ids: torch.Tensor,
-              labels: torch.Tensor, image_codes: torch.Tensor | None) -> UniTokMLLMOutput:
+              labels: torch.Tensor, image_codes: torch.Tensor | None, num_items_in_batch=None,
+              training: bool = False) -> UniTokMLLMOutput:
         cfg = self.config
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} differ in shape")
@@ -286,35 +303,42 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         image_sel = targets == cfg.image_placeholder_id
         if image_sel.any() and not (input_ids[:, 1:][image_sel] == cfg.image_placeholder_id).all():
             raise ValueError("labels mark image targets at positions whose input is not an image slot")
-        parts, counts = [], []
-
+        sums, dummies = [], []
         n_txt = int(text_sel.sum())
         if n_txt:
             text_logits = self.lm_head(context[text_sel]).float()
-            result.text_loss = F.cross_entropy(text_logits, targets[text_sel])
+            text_sum = F.cross_entropy(text_logits, targets[text_sel], reduction="sum")
+            result.text_loss = text_sum / n_txt
             result.logits = text_logits
-            parts.append(result.text_loss)
-            counts.append(n_txt)
+            sums.append(text_sum)
+        elif training:
+            dummies.append(self.lm_head(context[:1, 0]).mean())
 
         n_pos = int(image_sel.sum())
+        n_sub = n_pos * cfg.num_codebooks
         if n_pos:
             # codes of every image slot, in slot order; pick those of the supervised slots
             codes_per_slot = image_codes.permute(0, 2, 1).reshape(-1, cfg.num_codebooks)
             slot_index = (input_ids == cfg.image_placeholder_id).flatten().cumsum(0).view_as(input_ids) - 1
             target_codes = codes_per_slot[slot_index[:, 1:][image_sel]].long()
             image_logits = self.depth_head.teacher_forced_logits(context[image_sel], target_codes).float()
-            result.image_ce = F.cross_entropy(image_logits.flatten(0, 1), target_codes.flatten())
-            result.z_loss = cfg.z_loss_weight * image_logits.max(-1).values.pow(2).mean()
-            result.image_loss = result.image_ce + result.z_loss
+            ce_sum = F.cross_entropy(image_logits.flatten(0, 1), target_codes.flatten(), reduction="sum")
+            z_sum = cfg.z_loss_weight * image_logits.max(-1).values.pow(2).sum()
+            result.image_ce, result.z_loss = ce_sum / n_sub, z_sum / n_sub
+            result.image_loss = (ce_sum + z_sum) / n_sub
             result.image_logits = image_logits
-            parts.append(result.image_loss)
-            counts.append(n_pos * cfg.num_codebooks)
+            sums += [ce_sum, z_sum]
+        elif training:
+            blank = torch.zeros((1, cfg.num_codebooks), dtype=torch.long, device=context.device)
+            dummies.append(self.depth_head.teacher_forced_logits(context[:1, 0], blank).mean())
 
-        result.n_text_tokens, result.n_image_subcodes = n_txt, n_pos * cfg.num_codebooks
-        if not parts:
+        result.n_text_tokens, result.n_image_subcodes = n_txt, n_sub
+        if not sums:
             raise ValueError("the batch has no supervised position (all labels are IGNORE_INDEX)")
-        total = sum(counts)
-        result.loss = sum(p * (c / total) for p, c in zip(parts, counts))
+        items = n_txt + n_sub if num_items_in_batch is None else num_items_in_batch
+        result.loss = sum(sums) / items
+        if dummies:  # weight 0: the loss and every gradient stay exactly what they are without them
+            result.loss = result.loss + 0.0 * sum(dummies)
         return result
 
     # ------------------------------------------------------------------ generation glue (text)

@@ -88,6 +88,14 @@ class MLLMProcessor:
         ids = self._ids(text, bos=True) + [self.eos_token_id]
         return self._finish(ids, list(ids))
 
+    def text_chunks(self, text: str, chunk_tokens: int) -> list[Encoded]:
+        """A text document (bos … eos) split into consecutive chunks of at most ``chunk_tokens`` tokens, every
+        token trained once (per-document chunks, as LM trainers do; packing then fills the rows). A last chunk of
+        one token has no next-token target and is dropped."""
+        ids = self._ids(text, bos=True) + [self.eos_token_id]
+        chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
+        return [Encoded(c, list(c)) for c in chunks if len(c) > 1]
+
     def chat(self, messages: list[dict], add_generation_prompt: bool = False) -> Encoded:
         """A conversation (LLaVA ``conversations`` converted to role/content messages); assistant turns trained.
         With ``add_generation_prompt`` it is an inference prompt ending in the assistant role."""

@@ -27,3 +27,8 @@ def _deterministic_threads():
     # Results must not depend on the runner's thread count beyond float noise; 2 is what the fixtures used.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process, crash-resume and demo tests (deselect with -m 'not slow' "
+                                       "for a fast loop; the README's command runs everything)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import unitok_cli
@@ -14,6 +15,7 @@ from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
 from mllm.generation import TextSampling, chat
 
 
+@pytest.mark.slow
 def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     cache = tmp_path / "demo"
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache)]) == 0

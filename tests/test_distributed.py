@@ -13,6 +13,7 @@ import pytest
 from mllm_train_helpers import REPO, losses, make_data, run_cli, write_recipe
 
 STEPS = 4
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -409,3 +409,50 @@ def test_resume_continues_with_the_same_batches(tmp_path, processor, batching):
         assert all(_same(x, next(it)) for x in full)
     with pytest.raises(ValueError, match="data mixture"):
         _loader(tmp_path, sources[:2], processor, **kw).load_state_dict(state)
+
+
+def test_long_text_documents_are_chunked_and_resume_mid_document(tmp_path, processor):
+    """A text record longer than max_tokens becomes consecutive chunks (every token trained once, none counted bad),
+    while an over-long multimodal sample stays a counted skip; resuming after any batch, also in the middle of a
+    document's chunks, continues with exactly the batches of an uninterrupted run."""
+    words = "red green blue circle square triangle left right above below".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(n)) for i, n in enumerate([90, 3, 40, 7, 120, 2])]
+    long_caption = " ".join(words * 12)
+    sources = [SourceConfig("docs", "text", [str(_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs]))],
+                            shuffle=False),
+               SourceConfig("pairs", "caption", [str(_jsonl(tmp_path / "pairs.jsonl", [
+                   {"text": "a red circle", "codes": _codes(0)}, {"text": long_caption, "codes": _codes(1)}]))],
+                            shuffle=False, t2i_ratio=0.0)]
+    kw = dict(max_tokens=40, seed=3)
+    plain = _loader(tmp_path, sources[:1], processor, **kw)
+    chunks = _take(plain, 60)
+    assert all(len(s) <= 40 for s in chunks) and plain.stats.sources["docs"].bad == 0
+    at, split = 0, 0
+    for d in docs:  # the first epoch, in order: each document's chunks concatenate to the whole document
+        want = processor.text(d).input_ids
+        got = []
+        while len(got) < len(want):
+            assert chunks[at].labels == chunks[at].input_ids
+            got += chunks[at].input_ids
+            at += 1
+        assert got == want
+        split += len(want) > 40
+    assert split >= 3  # the long documents were split
+    mixed = _loader(tmp_path, sources, processor, batching="pack", batch_size=2, **kw)
+    it = iter(mixed)
+    full = [next(it) for _ in range(8)]
+    assert mixed.stats.sources["pairs"].reasons.get("sample too long", 0) > 0  # the long caption: skipped, counted
+    assert mixed.stats.sources["docs"].bad == 0
+    mid_document = 0
+    for k in range(1, 7):
+        b = _loader(tmp_path, sources, processor, batching="pack", batch_size=2, **kw)
+        it = iter(b)
+        for _ in range(k):
+            next(it)
+        state = json.loads(json.dumps(b.state_dict()))
+        mid_document += state["chunk"] > 0
+        c = _loader(tmp_path, sources, processor, batching="pack", batch_size=2, **kw)
+        c.load_state_dict(state)
+        it = iter(c)
+        assert all(_same(x, next(it)) for x in full[k:]), k
+    assert mid_document > 0  # some checkpoint fell inside a document's chunks

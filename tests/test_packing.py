@@ -83,7 +83,8 @@ def test_packed_batch_layout(processor):
     max_tokens = max(lens) + min(lens) + 10
     col = MLLMCollator.from_processor(processor, "pack", max_tokens)
     b = col(samples)
-    assert set(b) == {"input_ids", "labels", "position_ids", "image_codes", "counts"}
+    assert set(b) == {"input_ids", "labels", "position_ids", "image_codes", "counts", "cu_seq_lens_q", "cu_seq_lens_k",
+                      "max_length_q", "max_length_k"}
     rows = pack_rows(lens, max_tokens)
     assert b["input_ids"].shape == (len(rows), max(sum(lens[i] for i in r) for r in rows))
     assert any(len(r) > 1 for r in rows)
@@ -155,3 +156,97 @@ def test_attention_never_crosses_packed_samples(model, processor):
     with torch.no_grad():
         solo = model(input_ids=alone["input_ids"], image_codes=alone["image_codes"], use_cache=False).logits[0]
     assert torch.allclose(solo, ref, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- flash-attention path
+VARLEN = "varlen_reference"
+
+
+def _segments_attention(q, k, v, starts, causal, scale):
+    """Causal attention within each [start, end) segment of the token axis: q/k/v [T, heads, dim] -> [T, heads, dim]."""
+    out = torch.empty_like(q)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, scale=scale,
+            enable_gqa=True)
+        out[a:b] = o.transpose(0, 1)
+    return out
+
+
+def _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                      softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False):
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and int(cu_seqlens_q[-1]) == q.shape[0]
+    assert int(max_seqlen_q) == int(cu_seqlens_q.diff().max())
+    return _segments_attention(q, k, v, cu_seqlens_q, causal, softmax_scale)
+
+
+def _reference_dense(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                     deterministic=False):
+    """flash_attn_func: [B, L, heads, dim], each row one sequence."""
+    B, L = q.shape[:2]
+    starts = torch.arange(0, B * L + 1, L)
+    return _segments_attention(*(x.reshape(B * L, *x.shape[2:]) for x in (q, k, v)), starts, causal,
+                               softmax_scale).view(B, L, *q.shape[2:])
+
+
+@pytest.fixture
+def varlen_attention(monkeypatch):
+    """transformers' own flash-attention entry point (``flash_attention_forward`` and the flash mask), with the kernels
+    replaced by exact torch references. The model then sees exactly what flash-attention 2 is given and attends only
+    within the sequences transformers tells the kernel about: a leak across packed samples shows up as on a GPU."""
+    import transformers.modeling_flash_attention_utils as fa
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    real = fa._lazy_imports
+
+    def lazy_imports(implementation, *args, **kwargs):
+        if implementation != VARLEN:
+            return real(implementation, *args, **kwargs)
+        return _reference_dense, _reference_varlen, None, fa._pad_input, fa._unpad_input
+
+    monkeypatch.setattr(fa, "_lazy_imports", lazy_imports)
+    monkeypatch.setattr(fa, "_loaded_implementation", None)
+    AttentionInterface.register(VARLEN, flash_attention_forward)
+    AttentionMaskInterface.register(VARLEN, flash_attention_mask)
+    return VARLEN
+
+
+def test_packed_rows_are_exact_under_flash_attention(model, processor, varlen_attention):
+    """Several packed rows per micro-batch (as every 7B recipe has) under the flash-attention path give the loss and
+    gradients of the unpacked samples: no sample attends to the samples before it in its row."""
+    from mllm import hf_compat as hf
+
+    samples = _samples(processor)
+    lens = [len(s) for s in samples]
+    padded = MLLMCollator.from_processor(processor, "pad")(samples)
+    packed = MLLMCollator.from_processor(processor, "pack", max(lens) + min(lens) + 10, pad_to_multiple_of=8)(samples)
+    assert 1 < packed["input_ids"].shape[0] < len(samples)  # several rows, several samples in a row
+    out_pad, g_pad = _loss_and_grads(model, padded)  # sdpa, padded: the reference
+    hf.set_attn_implementation(model.config, varlen_attention)
+    try:
+        out_pack, g_pack = _loss_and_grads(model, packed)
+        out_pad_fa, _ = _loss_and_grads(model, padded)  # padding through the flash path (unpad/pad) stays exact
+    finally:
+        hf.set_attn_implementation(model.config, "sdpa")
+    assert abs(out_pad_fa.loss.item() - out_pad.loss.item()) < 1e-5
+    assert abs(out_pack.loss.item() - out_pad.loss.item()) < 1e-5, (out_pack.loss.item(), out_pad.loss.item())
+    for name, g in g_pad.items():
+        diff = (g_pack[name] - g).norm().item()
+        assert diff <= 1e-4 * g.norm().item() + 1e-9, (name, diff, g.norm().item())
+
+
+def test_packed_batch_names_every_sequence_for_varlen_kernels(processor):
+    """``cu_seq_lens_*`` cover the flattened rows: one sequence per sample and per row tail, ``max_length_*`` ints."""
+    samples = _samples(processor)[:3]
+    lens = [len(s) for s in samples]
+    b = MLLMCollator.from_processor(processor, "pack", 10_000, pad_to_multiple_of=8).collate_rows(
+        [samples[:2], samples[2:]])
+    R, L = b["input_ids"].shape
+    tails = [L - lens[0] - lens[1], L - lens[2]]
+    bounds = [0, lens[0], lens[0] + lens[1]] + ([L] if tails[0] else []) + [L + lens[2]] + ([2 * L] if tails[1] else [])
+    assert b["cu_seq_lens_q"].tolist() == bounds and b["cu_seq_lens_q"].dtype == torch.int32
+    assert b["cu_seq_lens_k"] is b["cu_seq_lens_q"]
+    assert b["max_length_q"] == b["max_length_k"] == max(torch.tensor(bounds).diff().tolist())
+    assert isinstance(b["max_length_q"], int)

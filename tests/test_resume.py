@@ -1,13 +1,23 @@
 """Exact resume: a training process killed with SIGKILL and resumed from its last checkpoint logs exactly the
-losses an uninterrupted run logs (bitwise on CPU): model, optimiser, scheduler, RNG and data position restored."""
+losses an uninterrupted run logs (bitwise on CPU): model, optimiser, scheduler, RNG and data position restored.
+The kill comes from deterministic fault injection (``UNITOK_FAULT_KILL_AFTER_STEP``), not a timed poll."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import time
+
+import pytest
 
 from mllm_train_helpers import REPO, losses, make_data, run_cli, unitok_cmd, write_recipe
+from train.common.checkpoint import FAULT_ENV
+
+pytestmark = pytest.mark.slow
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
@@ -20,21 +30,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert sorted(reference) == list(range(1, 13))
 
     recipe = write_recipe(tmp_path, data, tmp_path / "run", train=steps, data={"cfg_dropout": 0.3})
-    proc = subprocess.Popen(unitok_cmd("train", "--config", str(recipe)), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    metrics = tmp_path / "run" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 240
-    killed_after = None
-    while time.time() < deadline and proc.poll() is None:
-        done = losses(tmp_path / "run") if metrics.is_file() else {}
-        if (tmp_path / "run" / "checkpoints" / "step-00000004").is_dir() and done and max(done) >= 5:
-            proc.send_signal(signal.SIGKILL)
-            killed_after = max(done)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert killed_after is not None and proc.returncode == -signal.SIGKILL, "training was not killed mid-run"
-    assert killed_after < 12
+    proc = subprocess.run(unitok_cmd("train", "--config", str(recipe)), cwd=REPO, capture_output=True, timeout=300,
+                          env={**os.environ, FAULT_ENV: "6"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 7))  # killed after step 6: steps 5-6 are lost work
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004"]
 
     run_cli("train", "--config", str(recipe), "--resume")
     resumed = losses(tmp_path / "run")
@@ -44,3 +44,14 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept == ["step-00000008", "step-00000012"]  # keep_last=2, no temporary leftovers
+
+    # a checkpoint of 2 processes resumed by 1: refused before anything is built or written, saying what to do
+    meta = tmp_path / "run" / "checkpoints" / "step-00000012" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
+    before = _tree(tmp_path / "run")
+    proc = subprocess.run(unitok_cmd("train", "--config", str(recipe), "train.steps=16", "--resume"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "written by 2 processes, this run has 1" in proc.stderr and "--num_processes 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _tree(tmp_path / "run") == before

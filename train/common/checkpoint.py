@@ -115,6 +115,31 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+def check_world_size(path: Path, world_size: int) -> None:
+    """Refuse, before anything is built or written, to resume a checkpoint written by another number of processes:
+    each rank's data position, RNG streams (and ZeRO optimiser shards) belong to its rank of that run."""
+    written = int(read_meta(path).get("world_size", 1))
+    if written != world_size:
+        raise ValueError(
+            f"checkpoint {path} was written by {written} process{'es' if written > 1 else ''}, this run has "
+            f"{world_size}: the data position and per-rank states are split for {written}. Resume with "
+            f"`accelerate launch --num_processes {written} ...`, or start a new run (without --resume) from its "
+            f"weights: export them with the run's final/ folder and set model.pretrained to it")
+
+
+FAULT_ENV = "UNITOK_FAULT_KILL_AFTER_STEP"
+
+
+def inject_fault(step: int) -> None:
+    """Deterministic fault injection for the crash-resume tests: with ``UNITOK_FAULT_KILL_AFTER_STEP=N`` the trainer
+    SIGKILLs itself once step N (and its checkpoint, if one is due) is done: no cleanup runs, as in a real crash."""
+    at = os.environ.get(FAULT_ENV)
+    if at is not None and int(at) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush file contents before the rename makes the checkpoint visible (so a power loss cannot publish garbage)."""
     for dirpath, _, files in os.walk(root):

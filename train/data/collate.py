@@ -5,8 +5,11 @@ Both return a dict with the model inputs and ``counts`` (plain ints for logging;
 * ``input_ids`` / ``labels`` ``[R, L]``; ``image_codes`` ``[M, K, N]``: every image of the batch in order of
   appearance, row-major (the order of the image slots in ``input_ids.flatten()``), empty ``[0, K, N]`` if none;
 * padded: ``attention_mask`` ``[B, L]`` (1 on tokens); pads carry the processor's pad id and IGNORE labels;
-* packed: ``position_ids`` ``[R, L]`` restarting at 0 for every sample and no attention mask — transformers then
-  builds a block-diagonal causal mask (sdpa/eager/flex) or uses varlen flash-attention. The label of the first token
+* packed: ``position_ids`` ``[R, L]`` restarting at 0 for every sample and no attention mask — sdpa/eager/flex then
+  get a block-diagonal causal mask built from them. Flash-attention reads packing off ``position_ids`` only for a
+  single row, so the batch also names every sequence of the flattened rows for the varlen kernel:
+  ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 ``[S+1]``, one sequence per sample and per row tail) and
+  ``max_length_q``/``max_length_k`` (ints), transformers' ``FlashAttentionKwargs``. The label of the first token
   of every sample is IGNORE, so no sample is trained to predict the next one's first token. Row tails are padding
   with their own position block. The model must run without a KV cache (``use_cache=False``): the packed-sequence
   detection only happens when no cache is passed;
@@ -115,7 +118,8 @@ class MLLMCollator:
                 images += s.images
                 at += n
             position_ids[r, at:] = torch.arange(L - at)  # the tail padding is a block of its own
-        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                 **varlen_kwargs(position_ids)}
         batch.update(self._images(images))
         batch["counts"] = self._counts([s for row in rows for s in row], labels, sum(lengths))
         return batch
@@ -148,6 +152,16 @@ class MLLMCollator:
             counts[f"samples_{kind}"] = sum(1 for s in samples if s.kind == kind)
         counts["samples_t2i_uncond"] = sum(1 for s in samples if s.unconditional)
         return counts
+
+
+def varlen_kwargs(position_ids: torch.Tensor) -> dict:
+    """Packed ``position_ids`` ``[R, L]`` (every sequence starts at 0) -> transformers' ``FlashAttentionKwargs`` for
+    the flattened rows: ``cu_seq_lens_q/k`` (int32 sequence starts + the total) and ``max_length_q/k`` (ints)."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1)
+    cu = torch.cat((starts, torch.tensor([flat.numel()]))).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def pack_rows(lengths: Iterable[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
@@ -191,4 +205,4 @@ def encode_pending_images(batch: dict, tokenizer, batch_size: int = 64) -> dict:
     return batch
 
 
-__all__ = ["MLLMCollator", "pack_rows", "encode_pending_images"]
+__all__ = ["MLLMCollator", "pack_rows", "varlen_kwargs", "encode_pending_images"]

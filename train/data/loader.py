@@ -6,9 +6,13 @@ across ranks (map-style), or in stream order after a seeded buffer shuffle (``st
 record (which caption, text->image or image->text, CFG dropout) comes from a generator seeded by
 (seed, rank, source, epoch, position). The stream is therefore a pure function of the seed and the position.
 
-Resume. The position is (i, per source (epoch, offset)); it is committed when a batch is yielded (for packing: the
-position before the sample that did not fit and is carried over), so ``state_dict()`` after batch b and
-``load_state_dict`` in a new run continue with exactly batch b+1. The bad-record counters are part of the state.
+Long text. A text document longer than ``max_tokens`` becomes several samples, its consecutive chunks
+(:meth:`SampleBuilder.build`); multimodal samples are never cut and an over-long one is a counted skip.
+
+Resume. The position is (i, per source (epoch, offset), chunk): ``chunk`` chunks of record i were already used. It is
+committed when a batch is yielded (for packing: the position before the sample that did not fit and is carried
+over), so ``state_dict()`` after batch b and ``load_state_dict`` in a new run continue with exactly batch b+1. The
+bad-record counters are part of the state.
 
 Workers. Every DataLoader worker walks the same plan and builds every W-th sample; the DataLoader hands results back
 round-robin, restoring plan order, so the batches do not depend on ``num_workers``.
@@ -39,7 +43,7 @@ from .sources import MixtureSource, build_sources
 logger = logging.getLogger(__name__)
 
 CHOICE_BLOCK = 4096
-STATE_VERSION = 1
+STATE_VERSION = 2
 # reasons counted without their record-specific detail (the full reason is logged for the first records)
 _GROUPED = ("image count mismatch", "bad codes shape", "bad codes dtype", "bad conversation", "codes out of range",
             "cannot decode image:", "malformed record")
@@ -193,7 +197,8 @@ def record_rng(seed: int, rank: int, source: int, epoch: int, pos: int) -> np.ra
 
 
 class _SampleStream(torch.utils.data.IterableDataset):
-    """Plan items built into samples: ``{"i", "s", "epoch", "pos", "sample"}`` or ``{..., "reason", "id"}``."""
+    """Plan items built into samples: ``{"i", "s", "epoch", "pos", "samples"}`` (one sample, or the chunks of a long
+    text document) or ``{..., "reason", "id"}``."""
 
     def __init__(self, plan: _Plan, builders: list[SampleBuilder], sample: int, positions: list[list[int]]) -> None:
         self.plan, self.builders = plan, builders
@@ -214,7 +219,7 @@ class _SampleStream(torch.utils.data.IterableDataset):
             rng = record_rng(self.plan.seed, self.plan.rank, s, epoch, pos)
             try:
                 record = source.reader(row, rng)
-                item["sample"] = self.builders[s](record, rng)
+                item["samples"] = self.builders[s].build(record, rng)
             except BadRecord as err:
                 item["reason"], item["id"] = str(err), _ident(source, row)
             except (TypeError, ValueError, KeyError, AttributeError, IndexError, OSError) as err:
@@ -255,6 +260,7 @@ class MLLMDataLoader:
         self.stats = DataStats([s.name for s in self.sources])
         self.sample = 0  # plan index of the next sample
         self.positions = [[0, 0] for _ in self.sources]  # per source: epoch, offset of the next record
+        self.chunk = 0  # samples (text chunks) of record ``sample`` already used
         self.batches = 0
 
     def describe(self) -> str:
@@ -264,7 +270,7 @@ class MLLMDataLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
                 "sources": [s.name for s in self.sources], "weights": [s.cfg.weight for s in self.sources],
-                "sample": self.sample,
+                "sample": self.sample, "chunk": self.chunk,
                 "positions": copy.deepcopy(self.positions), "batches": self.batches,
                 "stats": self.stats.state_dict()}
 
@@ -283,17 +289,18 @@ class MLLMDataLoader:
                            "from the saved position with the new weights", state.get("weights"), weights)
         self.sample = int(state["sample"])
         self.positions = [[int(e), int(o)] for e, o in state["positions"]]
+        self.chunk = int(state.get("chunk", 0))
         self.batches = int(state.get("batches", 0))
         self.stats = DataStats(names)
         self.stats.load_state_dict(state["stats"])
 
     def _snapshot(self) -> tuple:
-        return self.sample, copy.deepcopy(self.positions), copy.deepcopy(self.stats.state_dict())
+        return self.sample, copy.deepcopy(self.positions), self.chunk, copy.deepcopy(self.stats.state_dict())
 
     def _restore(self, snap: tuple) -> None:
-        self.sample, self.positions = snap[0], snap[1]
+        self.sample, self.positions, self.chunk = snap[0], snap[1], snap[2]
         self.stats = DataStats([s.name for s in self.sources])
-        self.stats.load_state_dict(snap[2])
+        self.stats.load_state_dict(snap[3])
 
     # ---------------------------------------------------------------- iteration
     def _items(self) -> Iterator[dict]:
@@ -308,16 +315,34 @@ class MLLMDataLoader:
 
     def samples(self) -> Iterator:
         """Usable samples in plan order (the position and the counters advance as they are consumed)."""
-        for item in self._items():
-            self._consume(item)
-            if "sample" in item:
-                yield item["sample"]
+        for sample, advance in self._units():
+            advance()
+            if sample is not None:
+                yield sample
 
-    def _consume(self, item: dict) -> None:
+    def _units(self) -> Iterator[tuple]:
+        """``(sample or None, advance)`` per sample of the plan (None for a bad record): the record's counters are
+        updated when its first sample is reached; ``advance()`` moves the position past the sample."""
+        skip = self.chunk
+        for item in self._items():
+            if skip == 0:
+                self._count(item)
+            samples = item.get("samples") or [None]
+            for j in range(skip, len(samples)):
+                yield samples[j], (lambda item=item, j=j, n=len(samples): self._advance(item, j + 1, n))
+            skip = 0
+
+    def _advance(self, item: dict, used: int, n: int) -> None:
+        if used < n:  # more chunks of this record follow: the position stays on it
+            self.sample, self.chunk = item["i"], used
+            self.positions[item["s"]] = [item["epoch"], item["pos"]]
+        else:
+            self.sample, self.chunk = item["i"] + 1, 0
+            self.positions[item["s"]] = [item["epoch"], item["pos"] + 1]
+
+    def _count(self, item: dict) -> None:
         s = item["s"]
         name = self.sources[s].name
-        self.sample = item["i"] + 1
-        self.positions[s] = [item["epoch"], item["pos"] + 1]
         st = self.stats.sources[name]
         st.seen += 1
         if "reason" in item:
@@ -370,13 +395,12 @@ class MLLMDataLoader:
         rows: list[list] = []
         free: list[int] = []
         before = self._snapshot()
-        for item in self._items():
+        for sample, advance in self._units():
             snap = before
-            self._consume(item)
+            advance()
             before = self._snapshot()
-            if "sample" not in item:
+            if sample is None:
                 continue
-            sample = item["sample"]
             n = len(sample)
             r = next((r for r, f in enumerate(free) if n <= f), None)
             if r is None and len(rows) == max_rows:

@@ -97,6 +97,17 @@ class SampleBuilder:
                 raise BadRecord(f"cannot decode image: {type(err).__name__}: {err}") from None
         return out
 
+    def build(self, record: Record, rng: np.random.Generator) -> list[Sample]:
+        """The samples of one record: one, except for a text document longer than ``max_tokens``, which is split
+        into chunks of ``max_tokens`` (:meth:`MLLMProcessor.text_chunks`). Over-long multimodal samples stay a
+        counted skip ("sample too long"): an image or a reply is never cut."""
+        if self.cfg.kind != "text" or self.max_tokens is None:
+            return [self(record, rng)]
+        chunks = self.processor.text_chunks(record.text, self.max_tokens)
+        return [Sample.from_encoded(c, [], "text", source=self.cfg.name,
+                                    id=record.id if len(chunks) == 1 else f"{record.id}#{i}")
+                for i, c in enumerate(chunks)]
+
     def __call__(self, record: Record, rng: np.random.Generator) -> Sample:
         kind = self.cfg.kind
         if kind == "caption":

@@ -20,8 +20,8 @@ from torch import nn
 from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
 from mllm import hf_compat as hf
 from mllm.configuration import image_side_from_tokenizer
-from train.common.checkpoint import CheckpointManager, capture_rng_state, load_state, read_meta, restore_rng_state, \
-    save_state
+from train.common.checkpoint import CheckpointManager, capture_rng_state, check_world_size, inject_fault, load_state, \
+    read_meta, restore_rng_state, save_state
 from train.common.config import save_yaml
 from train.common.optim import build_adamw
 from train.common.schedule import warmup_cosine_scheduler
@@ -147,7 +147,9 @@ def build_accelerator(cfg: MLLMTrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # text-only batches skip the head
+    # the model runs every trainable submodule on every step (weight-0 passes for parts a batch lacks), so DDP needs
+    # no unused-parameter search; a parameter left out would fail the step loudly instead of hanging ZeRO-3
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
     plugin = None
     if cfg.train.deepspeed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -174,6 +176,8 @@ class MLLMTrainer:
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_last, self.acc.is_main_process,
                                       self.acc.wait_for_everyone)
         resume_path = self.ckpt.resolve(resume) if resume else None
+        if resume_path is not None:  # before the model is built: a wrong launch costs nothing and touches nothing
+            check_world_size(resume_path, self.acc.num_processes)
         model, self.processor, self.unitok = build_model(cfg)
         if self.unitok is not None:
             self.unitok.to(self.acc.device)
@@ -205,34 +209,44 @@ class MLLMTrainer:
 
     # -------------------------------------------------------------------------------------------- one step
     def train_step(self, batches) -> dict[str, float]:
-        """grad_accum micro-batches -> one optimiser step. Returns rank-averaged metrics."""
-        sums = torch.zeros(5, device=self.acc.device)  # loss, text, image, text targets, image targets
-        counts = {"tokens": 0, "samples": 0}
-        for _ in range(self.cfg.train.grad_accum):
-            batch = next(batches)
-            c = batch.pop("counts")
-            counts["tokens"] += c["tokens"]
-            counts["samples"] += c["samples"]
-            batch = {k: v.to(self.acc.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            with self.acc.accumulate(self.model):
-                out = self.model(**batch, use_cache=False)
-                self.acc.backward(out.loss)
-                if self.acc.sync_gradients and self.cfg.optim.grad_clip > 0 and not self._deepspeed:
-                    self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        """grad_accum micro-batches -> one optimiser step. Returns metrics over the whole step (all ranks).
+
+        Every supervised item of the step (text target or image sub-code, over every micro-batch and rank) weighs
+        the same: each micro-batch's loss sum is divided by ``items / (grad_accum x processes)`` (the
+        ``num_items_in_batch`` the model takes), which the backward's 1/grad_accum and the cross-rank gradient mean
+        turn into ``Σ / items``. The gradient of a global batch is then the same however it is split."""
+        cfg, acc = self.cfg, self.acc
+        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        K = self.processor.config.num_codebooks
+        counts = torch.tensor([[float(b["counts"][k]) for k in ("text_targets", "image_targets", "tokens")]
+                               for b in micro], device=acc.device).sum(0)
+        counts = acc.reduce(counts, "sum")  # one small all-reduce: the step's items on every rank
+        items = float(counts[0] + K * counts[1])
+        per_micro = items / (cfg.train.grad_accum * acc.num_processes)
+        sums = torch.zeros(3, device=acc.device)  # loss, text CE sum, image loss sum
+        for batch in micro:
+            batch.pop("counts")
+            batch = {k: v.to(acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with acc.accumulate(self.model):
+                out = self.model(**batch, use_cache=False, num_items_in_batch=per_micro)
+                acc.backward(out.loss)
+                if acc.sync_gradients and cfg.optim.grad_clip > 0 and not self._deepspeed:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
                 self.opt.step()
-                if self.acc.sync_gradients:
+                if acc.sync_gradients:
                     self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
+            zero = out.loss.new_zeros(())
             sums += torch.stack([out.loss.detach().float(),
-                                 (out.text_loss if out.text_loss is not None else out.loss.new_zeros(())).detach().float(),
-                                 (out.image_loss if out.image_loss is not None else out.loss.new_zeros(())).detach().float(),
-                                 out.loss.new_tensor(float(c["text_targets"])),
-                                 out.loss.new_tensor(float(c["image_targets"]))])
-        sums = self.acc.reduce(sums, "sum")
-        n = self.cfg.train.grad_accum * self.acc.num_processes
-        tokens = self.acc.reduce(torch.tensor(float(counts["tokens"]), device=self.acc.device), "sum")
-        return {"loss": (sums[0] / n).item(), "text_loss": (sums[1] / n).item(), "image_loss": (sums[2] / n).item(),
-                "text_targets": sums[3].item(), "image_targets": sums[4].item(), "tokens": tokens.item(),
+                                 (out.text_loss * out.n_text_tokens if out.text_loss is not None else zero).detach(),
+                                 (out.image_loss * out.n_image_subcodes if out.image_loss is not None
+                                  else zero).detach()]).float()
+        sums = acc.reduce(sums, "sum")
+        text_targets, image_targets = counts[0].item(), counts[1].item()
+        return {"loss": sums[0].item() / (cfg.train.grad_accum * acc.num_processes),
+                "text_loss": sums[1].item() / max(text_targets, 1.0),
+                "image_loss": sums[2].item() / max(K * image_targets, 1.0),
+                "text_targets": text_targets, "image_targets": image_targets, "tokens": counts[2].item(),
                 "lr": self.sched.get_last_lr()[0]}
 
     @property
@@ -282,6 +296,7 @@ class MLLMTrainer:
                 t = time.perf_counter()
                 self.save_checkpoint()
                 window_t0 += time.perf_counter() - t
+            inject_fault(self.step)
         bar.close()
         self.save_checkpoint()
         self.export(self.out_dir / "final")
@@ -303,9 +318,6 @@ class MLLMTrainer:
 
     def _load(self, path: Path) -> None:
         meta = read_meta(path)
-        if meta.get("world_size", 1) != self.acc.num_processes:
-            raise ValueError(f"checkpoint {path} was written by {meta.get('world_size')} processes; this run has "
-                             f"{self.acc.num_processes} (resume with the same number)")
         self.acc.load_state(str(path / "accelerate"))
         state = load_state(path / f"rank{self.acc.process_index:05d}.pt")
         self.loader.load_state_dict(state["data"])

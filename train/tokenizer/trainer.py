@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.common.checkpoint import (CheckpointManager, capture_rng_state, load_state, read_meta,
-                                     restore_rng_state, save_state)
+from train.common.checkpoint import (FAULT_ENV, CheckpointManager, capture_rng_state, check_world_size,
+                                     inject_fault, load_state, restore_rng_state, save_state)
 from train.common.config import save_yaml
 from train.common.contrastive import clip_loss
 from train.common.images import make_grid, save_image_grid
@@ -162,6 +163,8 @@ class TokenizerTrainer:
             torch.backends.cudnn.allow_tf32 = True
 
         resume_dir = self.ckpt.resolve(resume) if resume else None
+        if resume_dir is not None:
+            check_world_size(resume_dir, self.acc.num_processes)
         source = build_source(cfg.data)  # first: a bad data path should fail before minutes of model building
 
         # Models: same seed on every rank for the init (DDP also broadcasts rank 0's weights at wrap time).
@@ -384,6 +387,9 @@ class TokenizerTrainer:
                     t0 = time.perf_counter()
                     self.save_checkpoint()
                     speed.exclude(time.perf_counter() - t0)
+                if os.environ.get(FAULT_ENV):
+                    self.metrics.flush()
+                    inject_fault(step)
         finally:
             bar.close()
             self.metrics.flush()
@@ -491,10 +497,7 @@ class TokenizerTrainer:
             disc.load_state_dict(load_file(str(disc_file)))
 
     def _load_training_state(self, path: Path) -> None:
-        meta = read_meta(path)
-        if meta.get("world_size", self.acc.num_processes) != self.acc.num_processes:
-            raise ValueError(f"{path} was written by {meta['world_size']} processes; resume with the same number "
-                             f"(this run has {self.acc.num_processes}) so the data position stays exact")
+        check_world_size(path, self.acc.num_processes)
         state = load_state(path / "trainer_state.pt")
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
