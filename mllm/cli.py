@@ -67,6 +67,7 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="picture k of the session uses seed + k")
 
 
+MAX_IMAGES_PER_PROMPT = 256  # one grid per prompt: more is a typo, not a request
 CHAT_HELP = ("commands: /image PATH (attach to the next message), /reset, /quit; ask e.g. 'Draw a red circle.' "
              "for a picture (saved under --image-dir)")
 
@@ -80,10 +81,11 @@ def _chat(args: argparse.Namespace) -> int:
     from .conversation import IMAGE_PLACEHOLDER
     from .generation import ImageSampling, TextSampling, reply
 
-    model, processor = load_mllm(args.model, args.device, args.dtype)
-    unitok = load_unitok(args.tokenizer, model, model.device)
+    # settings first: a bad flag is refused before minutes of model loading
     sampling = TextSampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     drawing = ImageSampling(cfg_scale=args.cfg, temperature=1.0)
+    model, processor = load_mllm(args.model, args.device, args.dtype)
+    unitok = load_unitok(args.tokenizer, model, model.device)
     drawn = 0
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages, codes, pending = list(base), [], list(args.image)
@@ -153,11 +155,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .generation import ImageSampling, generate_images
 
-    if args.num_images < 1:
-        raise ValueError("--num-images must be at least 1")
+    if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
+        raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {args.num_images}")
+    sampling = ImageSampling(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model, processor = load_mllm(args.model, args.device, args.dtype)
     unitok = load_unitok(args.tokenizer, model, model.device)
-    sampling = ImageSampling(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     jobs = [(p, args.seed + i) for p in args.prompt for i in range(args.num_images)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -176,6 +176,12 @@ def generate_images(model: UniTokMLLM, processor, prompts: list[str], sampling: 
     if seeds is not None and len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     rows = [processor.generation_prompt(p) for p in prompts]
+    # the prompt (ending in boi), then the image positions must fit the context (RoPE beyond it is untrained)
+    room = model.config.max_position_embeddings - model.config.image_positions
+    for p, row in zip(prompts, rows):
+        if len(row) > room:
+            raise ValueError(f"prompt of {len(row)} tokens ({p[:40]!r}...) leaves no room for the image: at most "
+                             f"{room} prompt tokens fit the model's context of {model.config.max_position_embeddings}")
     if sampling.guided:
         rows += [processor.generation_prompt(unconditional_prompt, unconditional=True)] * len(prompts)
     ids, mask = left_pad(rows, processor.pad_token_id)
@@ -199,6 +205,16 @@ class TextSampling:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        bad = [f"{name}={value!r} (need {rule})" for name, value, ok, rule in (
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "0 < top_p <= 1"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0")) if not ok]
+        if bad:
+            raise ValueError("invalid text sampling settings: " + ", ".join(bad))
 
 
 @torch.no_grad()

@@ -488,3 +488,40 @@ def test_reply_draws_when_the_model_emits_boi(tiny_pair, monkeypatch):
     assert gen.chat(model, proc, msgs, shown) == "red"  # ends at boi, undrawn
     monkeypatch.setattr(gen, "generate_text_ids", lambda *a, **k: torch.tensor([words + [proc.eos_token_id]]))
     assert gen.reply(model, proc, msgs, shown).image_codes is None  # a reply in words draws nothing
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["chat", "--temperature", "-1"], "temperature=-1.0"),
+    (["chat", "--top-p", "0"], "top_p=0.0"),
+    (["chat", "--top-p", "2"], "top_p=2.0"),
+    (["chat", "--max-new-tokens", "0"], "max_new_tokens=0"),
+    (["generate", "a red circle", "--out", "x", "-n", "10000"], "--num-images must be between 1 and 256"),
+    (["generate", "a red circle", "--out", "x", "--top-p", "0"], "top_p"),
+])
+def test_sampling_flags_out_of_range_are_one_line_errors_before_loading(argv, named, capsys, tmp_path):
+    """chat refuses what generate refuses, and both refuse before loading anything (the model paths do not exist)."""
+    import unitok_cli
+
+    code = unitok_cli.main([*argv, "--model", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_refuses_a_prompt_that_leaves_no_room_for_the_image(tiny_pair, capsys):
+    """A prompt whose tokens plus the image positions exceed the context is one clear line (was: silently run past
+    the trained positions)."""
+    import unitok_cli
+    from mllm.cli import load_mllm
+    from mllm.generation import generate_images
+
+    model, proc = load_mllm(str(tiny_pair / "mllm"))
+    room = model.config.max_position_embeddings - model.config.image_positions
+    fits = "red " * 5
+    assert len(proc.generation_prompt(fits)) <= room
+    long = "red " * (2 * room)
+    with pytest.raises(ValueError, match=f"at most {room} prompt tokens"):
+        generate_images(model, proc, [fits, long], ImageSampling(cfg_scale=1.0, temperature=0))
+    code = unitok_cli.main(["generate", long, "--out", str(tiny_pair / "out-long"), "--model", str(tiny_pair / "mllm"),
+                            "--tokenizer", str(tiny_pair / "unitok"), "-n", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "leaves no room for the image" in err and "Traceback" not in err
