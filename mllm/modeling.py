@@ -227,8 +227,10 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     # ------------------------------------------------------------------ inputs
-    def embed_inputs(self, input_ids: torch.Tensor, image_codes: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the code embedder's output spliced in at the image slots (no Python loop)."""
+    def embed_inputs(self, input_ids: torch.Tensor, image_codes: torch.Tensor | None = None,
+                     run_embedder: bool = False) -> torch.Tensor:
+        """Token embeddings with the code embedder's output spliced in at the image slots (no Python loop).
+        ``run_embedder`` (training): without image slots the code embedder still runs once, with weight 0."""
         is_image = input_ids == self.config.image_placeholder_id
         n_slots = int(is_image.sum())
         bad = (input_ids < 0) & ~is_image
@@ -239,7 +241,7 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         if n_slots == 0:
             if image_codes is not None and image_codes.numel():
                 raise ValueError(f"{image_codes.shape[0]} images were given but input_ids have no image slots")
-            return embeds
+            return embeds + 0.0 * self._unused_image_side() if run_embedder else embeds
         N = self.config.image_positions
         if image_codes is None or image_codes.ndim != 3 or image_codes.shape[0] * image_codes.shape[2] != n_slots:
             got = "none" if image_codes is None else tuple(image_codes.shape)
@@ -265,13 +267,11 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> UniTokMLLMOutput:
         cache = hf.take_cache(cache, kwargs)
+        training = labels is not None and torch.is_grad_enabled()
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("give input_ids or inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, image_codes)
-        training = labels is not None and torch.is_grad_enabled()
-        if training and input_ids is not None and not (input_ids == self.config.image_placeholder_id).any():
-            inputs_embeds = inputs_embeds + 0.0 * self._unused_image_side()
+            inputs_embeds = self.embed_inputs(input_ids, image_codes, run_embedder=training)
         if labels is not None and use_cache is None:
             use_cache = False  # training: no cache, so packed rows (restarting position_ids) get a block mask
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -387,7 +387,7 @@ class TokenizerTrainer:
                     t0 = time.perf_counter()
                     self.save_checkpoint()
                     speed.exclude(time.perf_counter() - t0)
-                if os.environ.get(FAULT_ENV):
+                if os.environ.get(FAULT_ENV):  # flush first: the kill skips the finally below
                     self.metrics.flush()
                     inject_fault(step)
         finally:
