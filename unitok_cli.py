@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-mllm": ("mllm.convert", "convert released UniTok-MLLM weights to this project's format"),
 }
 
+# The error policy: these are the user's to fix (a bad path, file or value; our code raises them with a message that
+# names the file or field): one line, exit 2. Anything else (RuntimeError, CUDA OOM, NCCL, a bug) keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unitok", description=__doc__.splitlines()[0])
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as err:  # user errors: one clear line, no trace
+    except USER_ERRORS as err:
         if args.debug:
             raise
         print(f"unitok {name}: error: {err}", file=sys.stderr)

@@ -148,9 +148,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batched rollout")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the PNGs of an earlier run in --out")
+
+
+GENERATE_OUTPUTS = ("[0-9][0-9][0-9][0-9][0-9].png", "grid.png")
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from tokenizer.checkpoint import claim_output
     from tokenizer.image import make_grid, to_pil
 
     from .generation import ImageSampling, generate_images
@@ -158,10 +163,11 @@ def _generate(args: argparse.Namespace) -> int:
     if not 1 <= args.num_images <= MAX_IMAGES_PER_PROMPT:
         raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {args.num_images}")
     sampling = ImageSampling(cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    out = Path(args.out)
+    claim_output(out, args.overwrite, GENERATE_OUTPUTS)  # before loading: a wrong --out costs nothing
     model, processor = load_mllm(args.model, args.device, args.dtype)
     unitok = load_unitok(args.tokenizer, model, model.device)
     jobs = [(p, args.seed + i) for p in args.prompt for i in range(args.num_images)]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for start in range(0, len(jobs), args.batch_size):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -219,6 +220,29 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         self.depth_head = DepthHead(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing: tuple[str, ...] = (), **kwargs):
+        """transformers' loader, made strict: a tensor the checkpoint lacks (it would be left randomly
+        initialised), holds in excess or holds in another shape is an error naming the tensors. ``allow_missing``:
+        name prefixes a caller initialises itself."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except SafetensorError as err:  # a truncated or overwritten weights file
+            raise ValueError(f"cannot load the model folder {pretrained_model_name_or_path}: its model.safetensors "
+                             f"is damaged ({err})") from err
+        except OSError as err:  # a missing or corrupt config.json, no weights file
+            raise ValueError(f"cannot load the model folder {pretrained_model_name_or_path}: {err}") from err
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(tuple(allow_missing)))
+        problems = [f"{what} {', '.join(sorted(keys)[:6])}{' ...' if len(keys) > 6 else ''} ({len(keys)})"
+                    for what, keys in (("missing", missing), ("unexpected", info["unexpected_keys"]),
+                                       ("mis-shaped", [k[0] for k in info["mismatched_keys"]])) if keys]
+        if problems:
+            raise ValueError(f"{pretrained_model_name_or_path}: the checkpoint does not match the model: "
+                             f"{'; '.join(problems)}")
+        return (model, info) if want_info else model
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -413,19 +413,24 @@ def test_generate_cli_writes_pngs_and_grid(tiny_pair, tmp_path):
 
 def test_chat_cli_survives_a_bad_image_and_answers(tiny_pair, tmp_path, monkeypatch, capsys):
     from PIL import Image
+    from test_faults import png_header_only
 
     good = tmp_path / "good.png"
     Image.new("RGB", (80, 50), (200, 30, 30)).save(good)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    script = f"/image {bad}\nwhat colour is it?\n/image {good}\nwhat colour is it?\nhow many?\n/quit\n"
+    bomb = tmp_path / "bomb.png"  # a header claiming 30000 x 30000 pixels: refused before decoding, that turn only
+    bomb.write_bytes(png_header_only(30000, 30000))
+    script = (f"/image {bad}\nwhat colour is it?\n/image {bomb}\nand this?\n/image {good}\nwhat colour is it?\n"
+              "how many?\n/quit\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
     rc = unitok_cli.main(["chat", "--model", str(tiny_pair / "mllm"), "--tokenizer", str(tiny_pair / "unitok"),
                           "--max-new-tokens", "4"])
     captured = capsys.readouterr()
     assert rc == 0
     assert "error:" in captured.err and "bad.png" in captured.err
-    assert captured.out.count("assistant> ") == 2  # the bad image ended its turn; the next two were answered
+    assert "bomb.png is 30000x30000 = 900000000 pixels, over the limit" in captured.err
+    assert captured.out.count("assistant> ") == 2  # each bad image ended its turn; the next two were answered
 
 
 def test_chat_function_uses_images(tiny_pair):

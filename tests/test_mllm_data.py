@@ -244,7 +244,7 @@ def test_bad_records_are_counted_and_limited(tmp_path, processor):
     assert metrics["data/bad"] == 7 and metrics["data/pairs/good"] == 5 and metrics["data/bad/sample too long"] == 1
 
     loader = _loader(tmp_path, [src], processor, max_bad_fraction=0.5, bad_check_min_records=11)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ValueError) as err:
         _take(loader, 100)
     msg = str(err.value)
     assert "too many bad records in data source 'pairs': 7 of 11 (63.6%) exceed data.max_bad_fraction=0.5" in msg
@@ -456,3 +456,36 @@ def test_long_text_documents_are_chunked_and_resume_mid_document(tmp_path, proce
         it = iter(c)
         assert all(_same(x, next(it)) for x in full[k:]), k
     assert mid_document > 0  # some checkpoint fell inside a document's chunks
+
+
+# ================================================================================================ bad data files
+def test_a_malformed_caption_line_is_a_counted_bad_record(tmp_path, processor):
+    """datasets' JSON reader fails the whole file on one bad line; the loader parses it line by line instead."""
+    lines = [json.dumps({"text": f"cap {i}", "codes": _codes(i)}) for i in range(3)]
+    _jsonl(tmp_path / "c.jsonl", [lines[0], '{"text": "cut off', lines[1], "[1, 2]", lines[2]])
+    src = SourceConfig("caps", "t2i", [str(tmp_path / "c.jsonl")], shuffle=False)
+    loader = _loader(tmp_path, [src], processor, cfg_dropout=0.0)
+    samples = _take(loader, 3)
+    assert [processor.decode(s.input_ids) for s in samples] == [processor.decode(
+        processor.text_to_image(f"cap {i}").input_ids) for i in range(3)]
+    assert [s.images[0].tolist() for s in samples] == [_codes(i) for i in range(3)]
+    assert loader.stats.bad == 2 and dict(loader.stats.reasons) == {
+        "invalid JSON line: Invalid control character at": 1, "record is a list, not an object": 1}
+
+
+def test_an_empty_source_is_an_error_naming_it(tmp_path, processor):
+    (tmp_path / "empty.jsonl").write_text("")
+    src = SourceConfig("captions", "caption", [str(tmp_path / "empty.jsonl")])
+    with pytest.raises(ValueError, match=r"data.sources\[captions\]: .*empty\.jsonl holds no records"):
+        _take(_loader(tmp_path, [src], processor), 1)
+
+
+def test_llava_jsonl_with_codes_keeps_them_under_format_auto(tmp_path, processor):
+    conv = [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "red"}]
+    _jsonl(tmp_path / "v.jsonl", [{"id": f"q{i}", "conversations": conv, "codes": [_codes(i)]} for i in range(3)])
+    src = SourceConfig("vqa", "chat", [str(tmp_path / "v.jsonl")], shuffle=False)  # format: auto -> llava
+    loader = _loader(tmp_path, [src], processor)
+    assert loader.sources[0].format == "llava"
+    samples = _take(loader, 3)
+    assert [s.id for s in samples] == ["q0", "q1", "q2"] and loader.stats.bad == 0
+    assert [s.images[0].tolist() for s in samples] == [_codes(i) for i in range(3)]

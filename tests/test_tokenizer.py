@@ -313,6 +313,6 @@ def test_cli_encode_decode_round_trip(tiny, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"junk")
     before = codes_path.read_bytes()
     assert unitok_cli.main(["encode", str(tmp_path / "bad.png"), "--tokenizer", str(tmp_path / "tok"),
-                            "--out", str(codes_path)]) == 2
+                            "--out", str(codes_path), "--overwrite"]) == 2
     assert "cannot read image" in capsys.readouterr().err
     assert codes_path.read_bytes() == before

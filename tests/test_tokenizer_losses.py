@@ -156,11 +156,11 @@ def test_lpips_loads_torchvision_plus_heads_pair(lpips_model, images, tmp_path):
 def test_lpips_bad_files_raise_clear_errors(lpips_model, tmp_path):
     vgg = _torchvision_sd(lpips_model)
     torch.save(vgg, tmp_path / "vgg_only.pth")
-    with pytest.raises(KeyError, match=r"missing lin0\.model\.1\.weight"):
+    with pytest.raises(ValueError, match=r"missing lin0\.model\.1\.weight"):
         LPIPS.from_pretrained(tmp_path / "vgg_only.pth")
     sd = _combined_unitok_sd(lpips_model)
     torch.save({**sd, "decoder.conv_out.weight": torch.zeros(1)}, tmp_path / "extra.pth")
-    with pytest.raises(KeyError, match=r"unexpected keys.*decoder\.conv_out\.weight"):
+    with pytest.raises(ValueError, match=r"unexpected keys.*decoder\.conv_out\.weight"):
         LPIPS.from_pretrained(tmp_path / "extra.pth")
     bad = dict(sd)
     bad["net.slice1.5.weight"] = bad.pop("net.slice2.5.weight")
@@ -383,13 +383,13 @@ def test_dino_preprocess_crop_or_area():
 def test_dino_bad_files_raise_clear_errors(dino_file, tmp_path):
     _, sd = dino_file
     torch.save({k: v for k, v in sd.items() if k != "blocks.3.ls1.gamma"}, tmp_path / "missing.pth")
-    with pytest.raises(KeyError, match=r"missing \['blocks\.3\.ls1\.gamma'\]"):
+    with pytest.raises(ValueError, match=r"missing \['blocks\.3\.ls1\.gamma'\]"):
         DinoDiscriminator.from_pretrained(tmp_path / "missing.pth", num_heads=2)
     torch.save({**sd, "register_tokens": torch.zeros(1, 4, 64)}, tmp_path / "reg.pth")
-    with pytest.raises(KeyError, match="register"):
+    with pytest.raises(ValueError, match="register"):
         DinoDiscriminator.from_pretrained(tmp_path / "reg.pth", num_heads=2)
     torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, tmp_path / "not_dino.pth")
-    with pytest.raises(KeyError, match="not a DINOv2"):
+    with pytest.raises(ValueError, match="not a DINOv2"):
         DinoDiscriminator.from_pretrained(tmp_path / "not_dino.pth")
     (tmp_path / "trunc.pth").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(ValueError, match="could not read DINOv2 checkpoint"):

@@ -114,3 +114,29 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def claim_output(path: str | Path, overwrite: bool, owned: tuple[str, ...] | None = None, how: str = "",
+                 remove: bool = True) -> None:
+    """No silent clobbering. ``owned``: glob patterns of what the command writes into the folder ``path``; when
+    any exists (an earlier run's output) the command refuses, unless ``overwrite``, which deletes those entries
+    first so that old and new outputs never mix (``remove=False``: another process deletes them). ``owned=None``:
+    ``path`` is the output file itself. ``how``: the other way to go on, e.g. "continue it with --resume"."""
+    path = Path(path)
+    if owned is None:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; the output is a file")
+        found = [path] if path.exists() else []
+    else:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; the output is a folder")
+        found = sorted({p for pattern in owned for p in path.glob(pattern)}) if path.is_dir() else []
+    if not found:
+        return
+    if not overwrite:
+        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise FileExistsError(f"{path} already holds output of an earlier run ({names}): "
+                              f"{how + ', or ' if how else ''}pass --overwrite to replace it, or choose another path")
+    if remove and owned is not None:  # a single output file is replaced atomically by its writer
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

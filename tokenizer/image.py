@@ -6,24 +6,69 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+PIXEL_LIMIT_ENV = "UNITOK_MAX_IMAGE_PIXELS"
+DEFAULT_PIXEL_LIMIT = 8192 * 8192  # far above any training size; a decompression bomb is far above this
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # what transparent pixels become (white, as browsers show them)
+# open_image applies our configurable limit to every image we read, with a message naming the file; PIL's global
+# check (a warning, then an error at twice its own fixed limit) would pre-empt it with neither.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def pixel_limit() -> int:
+    """The largest image (width x height) we decode: ``$UNITOK_MAX_IMAGE_PIXELS`` or 64 M pixels."""
+    raw = os.environ.get(PIXEL_LIMIT_ENV)
+    try:
+        limit = int(raw) if raw else DEFAULT_PIXEL_LIMIT
+    except ValueError:
+        raise ValueError(f"{PIXEL_LIMIT_ENV}={raw!r} is not a whole number of pixels") from None
+    if limit < 1:
+        raise ValueError(f"{PIXEL_LIMIT_ENV} must be >= 1, got {limit}")
+    return limit
+
+
+def open_image(source, name: str) -> Image.Image:
+    """Open a path or file object, refuse more than :func:`pixel_limit` pixels before decoding them, decode, and
+    return :func:`to_rgb` of it. PIL's errors are left to the caller (they differ per format)."""
+    limit = pixel_limit()
+    with Image.open(source) as img:
+        if img.width * img.height > limit:
+            raise ValueError(f"image {name} is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
+                             f"limit of {limit} (set {PIXEL_LIMIT_ENV} to allow more)")
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
+    """RGB as the picture looks: EXIF orientation applied, 16-bit samples scaled (PIL's convert clips them, so
+    mid-grey would turn white), transparency composited on ``background``; CMYK, palette and grey via PIL."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG opens as I;16, older PIL as I)
+        arr = np.asarray(img).astype(np.int64)
+        img = Image.fromarray(((arr + 128) // 257).clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        canvas = Image.new("RGBA", img.size, (*background, 255))
+        canvas.alpha_composite(img.convert("RGBA"))
+        img = canvas
+    return img.convert("RGB")
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, with a clear error for a missing or corrupt file."""
+    """Open an image as RGB (:func:`open_image`), with a clear error for a missing, corrupt or oversized file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no image at {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        return open_image(path, str(path))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
@@ -55,7 +100,7 @@ def preprocess(img: Image.Image | str | Path, size: int, resize_ratio: float = 1
     """The reference inference transform: [3, size, size] in [-1, 1]."""
     if not isinstance(img, Image.Image):
         img = load_image(img)
-    img = resize_shorter(img.convert("RGB"), int(size * resize_ratio))
+    img = resize_shorter(to_rgb(img), int(size * resize_ratio))
     return to_tensor(center_crop(img, size))
 
 
@@ -85,7 +130,7 @@ def make_grid(images: Sequence[Image.Image] | torch.Tensor, ncols: int | None = 
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (122, 116, 104)) -> Image.Image:
     """LLaVA's ``expand2square``: centre the image on a square canvas of ``fill`` (the MLLM's understanding input)."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     if w == h:
         return img

@@ -149,12 +149,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="test-scene draw and sampling seed (as `unitok demo --seed`)")
     p.add_argument("--out", default=None, help="folder for results.json and generated images")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     p.add_argument("--device", default=None)
+
+
+EVAL_OUTPUTS = ("results.json", "geneval")
 
 
 def run(args: argparse.Namespace) -> int:
     from mllm.cli import load_mllm, load_unitok
+    from tokenizer.checkpoint import claim_output
 
+    if args.out:
+        claim_output(args.out, args.overwrite, EVAL_OUTPUTS)
     model, processor = load_mllm(args.model, args.device)
     unitok = load_unitok(args.tokenizer, model, model.device)
     scenes = test_scenes(args.scenes, args.seed)

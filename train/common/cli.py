@@ -15,6 +15,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="latest|auto|PATH",
                         help="continue from a checkpoint: 'latest' (default when given without a value) or 'auto' "
                              "(latest if any, else start fresh) under train.output_dir/checkpoints, or a path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a train.output_dir that holds an earlier run, deleting its outputs")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -43,4 +45,4 @@ def run_training(args: argparse.Namespace, load: Callable[[str, list[str]], Any]
         return None
     setup_logging(data_loggers)
     with logging_redirect_tqdm():
-        return cfg, train(cfg, resume=args.resume)
+        return cfg, train(cfg, resume=args.resume, overwrite=args.overwrite)

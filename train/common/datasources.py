@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -23,11 +24,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tokenizer.image import open_image, to_rgb
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_path", "file_name", "path")
 TEXT_KEYS = ("text", "caption", "txt", "prompt")
 CAPTION_FILES = ("captions.jsonl", "metadata.jsonl")
 ROOT_KEY = "__root__"  # column added to JSONL tables: the directory of the record's file
+logger = logging.getLogger(__name__)
+ERROR_KEY = "__error__"  # why a row could not be parsed (a malformed JSONL line): counted as bad when read
 
 
 # ================================================================================================ paths
@@ -89,7 +94,12 @@ def load_table(paths: list[str], fmt: str, streaming: bool = False, cache_dir: s
         # One load per file so each record remembers its file's directory (relative image paths).
         parts = []
         for p in paths:
-            ds = datasets.load_dataset("json", data_files=[p], **load_kw)
+            if not _has_a_line(p):  # datasets raises a bare StopIteration on an empty file
+                raise ValueError(f"{option}: {p} holds no records (the file is empty)")
+            try:
+                ds = datasets.load_dataset("json", data_files=[p], **load_kw)
+            except datasets.exceptions.DatasetGenerationError:  # a malformed line: parse line by line instead
+                ds = _jsonl_lines_table(p, streaming, cache_dir)
             root = str(Path(p).resolve().parent)
             ds = ds.map(lambda ex, root=root: {ROOT_KEY: root}) if streaming else \
                 ds.add_column(ROOT_KEY, [root] * len(ds))
@@ -103,6 +113,51 @@ def load_table(paths: list[str], fmt: str, streaming: bool = False, cache_dir: s
     else:
         raise ValueError(f"unknown {option}.format {fmt!r}")
     return ds, root_key
+
+
+def _has_a_line(path: str) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def _jsonl_rows(path: str, keys: tuple[str, ...], stamp: str):  # noqa: ARG001 (stamp: part of the datasets cache key)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                error = None if isinstance(item, dict) else f"record is a {type(item).__name__}, not an object"
+            except json.JSONDecodeError as err:
+                item, error = {}, f"invalid JSON line: {err.msg}"
+            if error is not None:
+                error = f"line {n} of {os.path.basename(path)}: {error}"
+            item = item if error is None else {}
+            yield {**{k: item.get(k) for k in keys}, ERROR_KEY: error}
+
+
+def _jsonl_lines_table(path: str, streaming: bool, cache_dir: str | None) -> Any:
+    """A JSONL file with malformed lines -> a table whose bad lines are rows with ``ERROR_KEY`` set (counted as bad
+    records by the readers, like the LLaVA loader's), instead of datasets' error for the whole file."""
+    import datasets
+
+    keys: dict[str, None] = {}
+    bad = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                item = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(item, dict):
+                keys.update(dict.fromkeys(item))
+    logger.warning("%s: %d malformed line(s); they are skipped and counted as bad records", path, bad)
+    stamp = f"{os.path.getsize(path)}:{os.path.getmtime(path)}"  # the Arrow cache key follows the file
+    kwargs = {"gen_kwargs": {"path": path, "keys": tuple(keys), "stamp": stamp}}  # a list would be split in shards
+    if streaming:
+        return datasets.IterableDataset.from_generator(_jsonl_rows, **kwargs)
+    return datasets.Dataset.from_generator(_jsonl_rows, cache_dir=cache_dir, **kwargs)
 
 
 def table_columns(ds: Any) -> list[str]:
@@ -194,24 +249,24 @@ def load_image(value: Any, root: str | None) -> tuple[Image.Image, str]:
     ident = "<bytes>"
     try:
         if isinstance(value, Image.Image):
-            img = value
-        elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
-            if value.get("bytes") is not None:
-                ident = value.get("path") or ident
-                img = Image.open(io.BytesIO(value["bytes"]))
-            else:
-                ident = resolve(value["path"])
-                img = Image.open(ident)
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(value)))
-        elif isinstance(value, str):
-            ident = resolve(value)
-            img = Image.open(ident)
-        elif value is None:
-            raise BadRecord("no image")
+            value.load()
+            img = to_rgb(value)
         else:
-            raise BadRecord(f"unsupported image value of type {type(value).__name__}")
-        img.load()  # decode now: truncated files fail here, inside the try, not later in convert()
+            if isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+                if value.get("bytes") is not None:
+                    ident = value.get("path") or ident
+                    source = io.BytesIO(value["bytes"])
+                else:
+                    source = ident = resolve(value["path"])
+            elif isinstance(value, (bytes, bytearray, memoryview)):
+                source = io.BytesIO(bytes(value))
+            elif isinstance(value, str):
+                source = ident = resolve(value)
+            elif value is None:
+                raise BadRecord("no image")
+            else:
+                raise BadRecord(f"unsupported image value of type {type(value).__name__}")
+            img = open_image(source, ident)  # decoded now: truncated files fail here, inside the try
     except BadRecord:
         raise
     except FileNotFoundError as err:
@@ -264,7 +319,7 @@ def reason_class(reason: str) -> str:
     """Group reasons for counting: drop the file-specific tail ("cannot decode image a.png: X" -> "... X")."""
     reason = re.sub(r"image file not found: .*", "image file not found", reason)
     reason = re.sub(r"cannot decode image .*?: (\w+):.*", r"cannot decode image (\1)", reason)
-    return reason
+    return re.sub(r"^line \d+ of \S+: ", "", reason)
 
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_KEYS", "TEXT_KEYS", "CAPTION_FILES", "ROOT_KEY", "expand_paths", "detect_format",

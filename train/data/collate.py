@@ -192,8 +192,8 @@ def encode_pending_images(batch: dict, tokenizer, batch_size: int = 64) -> dict:
     if "pixel_values" not in batch:
         return batch
     if tokenizer is None:
-        raise RuntimeError("the batch holds raw images but no image tokenizer was given to encode them "
-                           "(pass image_tokenizer to the loader, or extract codes with `unitok extract-codes`)")
+        raise ValueError("the batch holds raw images but no image tokenizer was given to encode them "
+                         "(pass image_tokenizer to the loader, or extract codes with `unitok extract-codes`)")
     pixels, index = batch.pop("pixel_values"), batch.pop("pixel_index")
     device = next(tokenizer.parameters()).device
     codes = torch.cat([tokenizer.encode(chunk.to(device)).cpu() for chunk in pixels.split(batch_size)])

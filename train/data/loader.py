@@ -173,7 +173,7 @@ class _Plan:
                     it = streams[s] = self.stream(s, epoch, 0)
                     row = next(it, None)
                     if row is None:
-                        raise RuntimeError(f"data.sources[{src.name}] yields no records")
+                        raise ValueError(f"data.sources[{src.name}] yields no records")
             else:
                 order = self.order(s, epoch)
                 if pos >= len(order):
@@ -362,14 +362,14 @@ class MLLMDataLoader:
         src, cfg = self.sources[s], self.cfg
         st = self.stats.sources[src.name]
         if st.bad and st.seen >= cfg.bad_check_min_records and st.bad > cfg.max_bad_fraction * st.seen:
-            raise RuntimeError(
+            raise ValueError(
                 f"too many bad records in data source {src.name!r}: {st.bad} of {st.seen} "
                 f"({st.bad / st.seen:.1%}) exceed data.max_bad_fraction={cfg.max_bad_fraction:g}; reasons: "
                 + "; ".join(f"{n}x {r}" for r, n in st.reasons.most_common())
                 + ". Fix or filter the dataset, or raise data.max_bad_fraction.")
         if not src.streaming and self.stats.good[src.name] == 0 and st.seen >= len(src) // self.world_size:
-            raise RuntimeError(f"no usable record in a whole epoch of data source {src.name!r} "
-                               f"({st.summary(5)})")
+            raise ValueError(f"no usable record in a whole epoch of data source {src.name!r} "
+                             f"({st.summary(5)})")
 
     def __iter__(self) -> Iterator[dict]:
         if self.cfg.batching == "pad":

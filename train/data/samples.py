@@ -88,9 +88,9 @@ class SampleBuilder:
         for value in record.images:
             img, _ = load_image(value, record.root)
             if self.image_size is None:
-                raise RuntimeError(f"source {self.cfg.name!r} has raw images but no image size is known: give the "
-                                   "loader an image tokenizer (or set data.image_size), or extract codes first "
-                                   "(unitok extract-codes)")
+                raise ValueError(f"source {self.cfg.name!r} has raw images but no image size is known: give the "
+                                 "loader an image tokenizer (or set data.image_size), or extract codes first "
+                                 "(unitok extract-codes)")
             try:
                 out.append(preprocess(img, self.image_size, self.resize_ratio))
             except Exception as err:  # a conversion failure on an odd image is a bad record, not a crash

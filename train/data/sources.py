@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from train.common.datasources import (IMAGE_KEYS, ROOT_KEY, TEXT_KEYS, BadRecord, detect_format, expand_paths,
+from train.common.datasources import (ERROR_KEY, IMAGE_KEYS, ROOT_KEY, TEXT_KEYS, BadRecord, detect_format, expand_paths,
                                       folder_table, keep_image_bytes, load_table, path_of, pick_caption, pick_key,
                                       table_columns)
 
@@ -32,7 +32,6 @@ from .config import SourceConfig
 
 PAIR_TEXT_KEYS = TEXT_KEYS + ("json",)  # webdataset: a .json member holding {"caption": ...}
 CODES_KEYS = ("codes",)
-ERROR_KEY = "__error__"  # load_llava: why a row could not be parsed (counted as bad when read)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
 
@@ -65,6 +64,8 @@ class PairReader:
 
     def __call__(self, row: dict, rng: np.random.Generator) -> Record:
         rid = self.ident(row)
+        if row.get(ERROR_KEY):
+            raise BadRecord(row[ERROR_KEY])
         if self.text_key not in row:
             raise BadRecord(f"missing field {self.text_key!r}")
         text = caption_of(row.get(self.text_key), rng)
@@ -111,6 +112,8 @@ class TextReader:
 
     def __call__(self, row: dict, rng: np.random.Generator) -> Record:
         rid = str(row.get("id") or row.get("__key__") or "?")
+        if row.get(ERROR_KEY):
+            raise BadRecord(row[ERROR_KEY])
         text = row.get(self.text_key)
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
@@ -185,7 +188,7 @@ def _jsonl_items(f):
 
 
 def _llava_row(item: Any, default_id: str, root: str) -> dict:
-    row = {"id": default_id, "image": [], "conversations": [], ROOT_KEY: root, ERROR_KEY: None}
+    row = {"id": default_id, "image": [], "conversations": [], "codes": None, ROOT_KEY: root, ERROR_KEY: None}
     if isinstance(item, json.JSONDecodeError):
         row[ERROR_KEY] = f"invalid JSON line: {item.msg}"
         return row
@@ -207,11 +210,14 @@ def _llava_row(item: Any, default_id: str, root: str) -> dict:
         return row
     row["image"] = images
     row["conversations"] = [{"from": str(t.get("from", t.get("role", ""))), "value": t["value"]} for t in conv]
+    if item.get("codes") is not None:  # precomputed codes [M][K][N]: kept as JSON text (checked when read)
+        row["codes"] = json.dumps(item["codes"])
     return row
 
 
 def load_llava(paths: list[str], cache_dir: str | None = None) -> Any:
-    """LLaVA JSON/JSONL files -> ``Dataset`` (id, image: list[str], conversations, ``__root__``, ``__error__``).
+    """LLaVA JSON/JSONL files -> ``Dataset`` (id, image: list[str], conversations, codes (JSON text or null),
+    ``__root__``, ``__error__``).
 
     Rows are normalised in Python first (``image`` str or list, odd records), so Arrow sees one schema; a record that
     cannot be parsed becomes a row with ``__error__`` set, counted as bad when it is read. The Arrow cache is keyed
@@ -221,7 +227,7 @@ def load_llava(paths: list[str], cache_dir: str | None = None) -> Any:
     features = datasets.Features({
         "id": datasets.Value("string"), "image": datasets.List(datasets.Value("string")),
         "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
-        ROOT_KEY: datasets.Value("string"), ERROR_KEY: datasets.Value("string")})
+        "codes": datasets.Value("string"), ROOT_KEY: datasets.Value("string"), ERROR_KEY: datasets.Value("string")})
     paths = [str(Path(p).resolve()) for p in paths]
     stamps = [f"{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in paths]
     return datasets.Dataset.from_generator(_llava_rows, features=features, cache_dir=cache_dir,

@@ -22,6 +22,7 @@ from mllm import hf_compat as hf
 from mllm.configuration import image_side_from_tokenizer
 from train.common.checkpoint import CheckpointManager, capture_rng_state, check_world_size, inject_fault, load_state, \
     read_meta, restore_rng_state, save_state
+from tokenizer.checkpoint import claim_output
 from train.common.config import save_yaml
 from train.common.optim import build_adamw
 from train.common.schedule import warmup_cosine_scheduler
@@ -31,6 +32,7 @@ from train.data.loader import MLLMDataLoader
 from .config import MLLMTrainConfig
 
 logger = logging.getLogger(__name__)
+RUN_OUTPUTS = ("checkpoints", "final", "logs", "config.yaml", "wandb")  # what a run writes into train.output_dir
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -166,7 +168,8 @@ def build_accelerator(cfg: MLLMTrainConfig):
 
 # ================================================================================================ trainer
 class MLLMTrainer:
-    def __init__(self, cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None) -> None:
+    def __init__(self, cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None,
+                 overwrite: bool = False) -> None:
         from accelerate.utils import set_seed
 
         self.cfg = cfg
@@ -178,6 +181,9 @@ class MLLMTrainer:
         resume_path = self.ckpt.resolve(resume) if resume else None
         if resume_path is not None:  # before the model is built: a wrong launch costs nothing and touches nothing
             check_world_size(resume_path, self.acc.num_processes)
+        else:  # a new run never mixes with (or silently replaces) an earlier one in the same folder
+            claim_output(self.out_dir, overwrite, RUN_OUTPUTS, "continue it with --resume", self.acc.is_main_process)
+            self.acc.wait_for_everyone()
         model, self.processor, self.unitok = build_model(cfg)
         if self.unitok is not None:
             self.unitok.to(self.acc.device)
@@ -362,8 +368,9 @@ def merge_lora_state(config: UniTokMLLMConfig, state: dict[str, torch.Tensor], c
     return peft_model.merge_and_unload()
 
 
-def train(cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None) -> list[dict[str, float]]:
-    return MLLMTrainer(cfg, resume=resume, accelerator=accelerator).fit()
+def train(cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None,
+          overwrite: bool = False) -> list[dict[str, float]]:
+    return MLLMTrainer(cfg, resume=resume, accelerator=accelerator, overwrite=overwrite).fit()
 
 
 __all__ = ["MLLMTrainer", "train", "build_model", "build_accelerator", "apply_lora", "lora_config", "freeze",

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from train.common.datasources import (IMAGE_EXTENSIONS, IMAGE_KEYS, TEXT_KEYS, BadRecord,  # noqa: F401 (re-exported)
-                                      BadRecordStats, detect_format, expand_paths, folder_table, keep_image_bytes,
+from train.common.datasources import (ERROR_KEY, IMAGE_EXTENSIONS, IMAGE_KEYS, TEXT_KEYS,  # noqa: F401 (re-exported)
+                                      BadRecord, BadRecordStats, detect_format, expand_paths, folder_table, keep_image_bytes,
                                       load_image, load_table, path_of as _path_of, pick_caption as _caption,
                                       pick_key as _pick_key, reason_class as _reason_class, table_columns)
 
@@ -205,6 +205,8 @@ class RecordDecoder:
     def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         ident = str(record.get("__key__") or _path_of(record.get(self.image_key)) or "?")
         try:
+            if record.get(ERROR_KEY):
+                raise BadRecord(record[ERROR_KEY])
             root = self.image_root or (record.get(self.root_key) if self.root_key else None)
             img, ident = load_image(record.get(self.image_key), root)
             text = _caption(record.get(self.text_key), rng)
@@ -357,7 +359,7 @@ class ImageTextStream:
                     images, texts = [], []
                     yield batch
             if full_epoch and good_this_epoch == 0:  # otherwise this loop would spin forever
-                raise RuntimeError(f"no readable record in a whole epoch of the data ({self.stats.summary()})")
+                raise ValueError(f"no readable record in a whole epoch of the data ({self.stats.summary()})")
             self.epoch += 1
             self.offset = 0
 
@@ -374,7 +376,7 @@ class ImageTextStream:
     def _check_bad_fraction(self) -> None:
         s = self.stats
         if s.bad and s.seen >= self.cfg.bad_check_min_records and s.bad > self.cfg.max_bad_fraction * s.seen:
-            raise RuntimeError(
+            raise ValueError(
                 f"too many unreadable records: {s.bad} of {s.seen} ({s.bad / s.seen:.1%}) exceed "
                 f"data.max_bad_fraction={self.cfg.max_bad_fraction:g}; most common reasons: "
                 + "; ".join(f"{n}x {r}" for r, n in s.reasons.most_common(3))

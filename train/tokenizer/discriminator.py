@@ -290,7 +290,7 @@ class DinoDiscriminator(nn.Module):
         if missing or unexpected:
             has_registers = any("register" in k for k in unexpected)
             hint = " (register-token DINOv2 variants are not supported)" if has_registers else ""
-            raise KeyError(
+            raise ValueError(
                 f"{dino_path} is not a DINOv2 ViT state dict{hint}: "
                 f"missing {missing[:12]}, unexpected {unexpected[:12]}"
             )
@@ -329,7 +329,7 @@ def _load_dino_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 def _infer_dino_dims(sd: Mapping[str, torch.Tensor], where: str) -> dict[str, int]:
     needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
     if absent := [k for k in needed if k not in sd]:
-        raise KeyError(f"{where} is not a DINOv2 ViT checkpoint: missing {absent}")
+        raise ValueError(f"{where} is not a DINOv2 ViT checkpoint: missing {absent}")
     proj = sd["patch_embed.proj.weight"]
     n_pos = sd["pos_embed"].shape[1] - 1
     grid = math.isqrt(n_pos)

@@ -186,14 +186,14 @@ class LPIPS(nn.Module):
         expected = model.state_dict()
         missing = sorted(set(expected) - set(merged))
         if missing:
-            raise KeyError(
+            raise ValueError(
                 f"LPIPS weights incomplete: missing {_short(missing)} after reading {[str(p) for p in paths]}. "
                 "Pass either the combined lpips_with_vgg.pth, or torchvision's vgg16 file together with the lpips "
                 "vgg.pth heads."
             )
         extra = sorted(set(merged) - set(expected))
         if extra:
-            raise KeyError(f"LPIPS weights hold layers this VGG16 trunk does not have: {_short(extra)}")
+            raise ValueError(f"LPIPS weights hold layers this VGG16 trunk does not have: {_short(extra)}")
         bad = [f"{k}: file {tuple(merged[k].shape)} vs model {tuple(expected[k].shape)}"
                for k in expected if merged[k].shape != expected[k].shape]
         if bad:
@@ -264,5 +264,5 @@ def _convert_lpips_state_dict(sd: Mapping[str, torch.Tensor], where: str) -> dic
         elif not _IGNORED_KEY.search(key):
             unexpected.append(key)
     if unexpected:
-        raise KeyError(f"{where}: unexpected keys for LPIPS-VGG: {_short(sorted(unexpected))}")
+        raise ValueError(f"{where}: unexpected keys for LPIPS-VGG: {_short(sorted(unexpected))}")
     return out

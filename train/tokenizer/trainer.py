@@ -26,6 +26,7 @@ from torch import nn
 
 from train.common.checkpoint import (FAULT_ENV, CheckpointManager, capture_rng_state, check_world_size,
                                      inject_fault, load_state, restore_rng_state, save_state)
+from tokenizer.checkpoint import claim_output
 from train.common.config import save_yaml
 from train.common.contrastive import clip_loss
 from train.common.images import make_grid, save_image_grid
@@ -40,6 +41,7 @@ from .discriminator import (adaptive_generator_weight, bcr_loss, blur_schedule, 
                             hinge_g_loss)
 
 logger = logging.getLogger(__name__)
+RUN_OUTPUTS = ("checkpoints", "model", "logs", "samples", "config.yaml", "wandb")  # written into train.output_dir
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -149,7 +151,8 @@ class TokenizerTrainer:
     the same losses as an uninterrupted run (tested on CPU).
     """
 
-    def __init__(self, cfg: TokenizerTrainConfig, accelerator=None, resume: str | None = None) -> None:
+    def __init__(self, cfg: TokenizerTrainConfig, accelerator=None, resume: str | None = None,
+                 overwrite: bool = False) -> None:
         from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg
@@ -165,6 +168,9 @@ class TokenizerTrainer:
         resume_dir = self.ckpt.resolve(resume) if resume else None
         if resume_dir is not None:
             check_world_size(resume_dir, self.acc.num_processes)
+        else:  # a new run never mixes with (or silently replaces) an earlier one in the same folder
+            claim_output(self.out_dir, overwrite, RUN_OUTPUTS, "continue it with --resume", self.acc.is_main_process)
+            self.acc.wait_for_everyone()
         source = build_source(cfg.data)  # first: a bad data path should fail before minutes of model building
 
         # Models: same seed on every rank for the init (DDP also broadcasts rank 0's weights at wrap time).
@@ -539,9 +545,10 @@ def _load_schedule(sched: torch.optim.lr_scheduler.LambdaLR, state: dict[str, An
                 group["lr"] = base * fn(sched.last_epoch)
 
 
-def train(cfg: TokenizerTrainConfig, resume: str | None = None, accelerator=None) -> list[dict[str, float]]:
+def train(cfg: TokenizerTrainConfig, resume: str | None = None, accelerator=None,
+          overwrite: bool = False) -> list[dict[str, float]]:
     t0 = time.perf_counter()
-    trainer = TokenizerTrainer(cfg, accelerator=accelerator, resume=resume)
+    trainer = TokenizerTrainer(cfg, accelerator=accelerator, resume=resume, overwrite=overwrite)
     history = trainer.fit()
     if trainer.acc.is_main_process:
         logger.info("done: %d steps in %.1f s; outputs in %s", trainer.step, time.perf_counter() - t0, cfg.train.output_dir)
