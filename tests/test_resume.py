@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from mllm_train_helpers import REPO, losses, make_data, run_cli, unitok_cmd, write_recipe
-from train.common.checkpoint import FAULT_ENV
+from train.common.checkpoint import FAULT_ENV, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     # a checkpoint of 2 processes resumed by 1: refused before anything is built or written, saying what to do
     meta = tmp_path / "run" / "checkpoints" / "step-00000012" / "meta.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 2}))
+    write_manifest(meta.parent)  # as that run would have written it (else the edit reads as damage)
     before = _tree(tmp_path / "run")
     proc = subprocess.run(unitok_cmd("train", "--config", str(recipe), "train.steps=16", "--resume"), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -55,3 +56,33 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert "written by 2 processes, this run has 1" in proc.stderr and "--num_processes 2" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _tree(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("victim", ["accelerate/model.safetensors", "accelerate/random_states_0.pkl"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, victim):
+    """A checkpoint damaged after it was written (here: truncated; accelerate alone would fail on the weights with no
+    file named, and skip an unreadable RNG file silently) is skipped: resume falls back to the previous checkpoint,
+    says so, and still logs the uninterrupted run's losses bitwise."""
+    data = make_data(tmp_path / "data")
+    steps = dict(steps=8, save_every=2, keep_last=2)
+    ref_recipe = write_recipe(tmp_path, data, tmp_path / "ref", train=steps, data={"cfg_dropout": 0.3})
+    run_cli("train", "--config", str(ref_recipe))
+    reference = losses(tmp_path / "ref")
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, data, run, train=steps, data={"cfg_dropout": 0.3})
+    proc = subprocess.run(unitok_cmd("train", "--config", str(recipe)), cwd=REPO, capture_output=True, timeout=300,
+                          env={**os.environ, FAULT_ENV: "6"})
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    f = run / "checkpoints" / "step-00000006" / victim
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    older = _tree(run / "checkpoints" / "step-00000004")
+
+    proc = run_cli("train", "--config", str(recipe), "--resume")
+    assert f"skipping damaged checkpoint step-00000006 ({victim} has" in proc.stderr
+    assert "resumed from" in proc.stderr and "step-00000004 at step 4" in proc.stderr
+    resumed = losses(run)
+    assert [resumed[s] for s in range(1, 9)] == [reference[s] for s in range(1, 9)]
+    assert not (run / "checkpoints" / "step-00000004").exists() or \
+        _tree(run / "checkpoints" / "step-00000004") == older

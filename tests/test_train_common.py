@@ -1,6 +1,7 @@
 """train/common: config parsing, atomic checkpoints, RNG capture, LR schedule, param groups, grids, CLIP loss."""
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -128,6 +129,50 @@ def test_checkpoint_atomic_keep_last_and_resolve(tmp_path):
         empty.resolve("latest")
     with pytest.raises(FileNotFoundError):
         empty.resolve(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+@pytest.mark.parametrize("victim", ["accelerate/model.safetensors", "accelerate/optimizer.bin",
+                                    "accelerate/random_states_0.pkl", "rank00000.pt", "meta.json"])
+def test_resume_skips_a_damaged_newest_checkpoint_for_the_previous_intact_one(tmp_path, caplog, victim, damage):
+    """Every state file a trainer writes is under the manifest: damaging any one of them in the newest checkpoint
+    makes auto/latest resume fall back to the previous checkpoint, saying which file; naming the damaged checkpoint
+    explicitly is an error naming the file; the older checkpoint is never touched."""
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+
+    def write(d):
+        (d / "accelerate").mkdir()
+        for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+            (d / "accelerate" / name).write_bytes(bytes(range(256)) * 8)
+        save_state({"value": torch.tensor(1)}, d / "rank00000.pt")
+
+    for step in (10, 20):
+        mgr.save(step, write)
+    newest = mgr.list()[-1][1]
+    assert set(json.loads((newest / "manifest.json").read_text())["files"]) == {
+        "accelerate/model.safetensors", "accelerate/optimizer.bin", "accelerate/random_states_0.pkl",
+        "rank00000.pt", "meta.json"}
+    f = newest / (victim if damage != "manifest" else "manifest.json")
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    elif damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "delete":
+        f.unlink()
+    else:
+        f.write_text("{half a manif")
+    with caplog.at_level("WARNING"):
+        assert mgr.resolve("auto") == mgr.resolve("latest") == mgr.list()[0][1]
+    why = "manifest.json is unreadable" if damage == "manifest" else victim
+    assert "skipping damaged checkpoint step-00000020" in caplog.text and why in caplog.text
+    with pytest.raises(ValueError, match=f"checkpoint .*step-00000020 is damaged: .*{why}"):
+        mgr.resolve(str(newest))
+    for _, path in mgr.list():  # both damaged: nothing to resume from, every reason named
+        (path / "rank00000.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no intact checkpoint.*step-00000020.*step-00000010: rank00000.pt"):
+        mgr.resolve("auto")
 
 
 def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):

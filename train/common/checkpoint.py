@@ -1,16 +1,20 @@
 """Atomic, resumable checkpoints.
 
 Layout: ``<root>/step-00001000/`` holds whatever the trainer writes (model via ``save_pretrained``, ``*.pt`` states,
-``meta.json``). A checkpoint is first written to ``<root>/.tmp-step-00001000`` and renamed into place only once every
-rank has finished writing, so a crash mid-save never leaves a directory that looks complete: anything named
-``step-*`` is whole. Older checkpoints beyond ``keep_last`` are deleted after the rename.
+``meta.json``) and, written last, ``manifest.json`` (every file's size and sha256). A checkpoint is first written to
+``<root>/.tmp-step-00001000`` and renamed into place only once every rank has finished writing, so a crash mid-save
+never leaves a directory that looks complete. Older checkpoints beyond ``keep_last`` are deleted only after the
+rename. Resuming verifies the manifest: a checkpoint damaged later (a truncated or rewritten file, one missing) is
+skipped for the newest one that verifies, saying which and why; an explicitly named one fails, naming the file.
 
 All ranks call :meth:`CheckpointManager.save` (each rank may write its own files, e.g. its RNG state); only the main
 process creates, renames and prunes directories. Multi-node training needs ``root`` on a shared filesystem.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -22,6 +26,8 @@ import numpy as np
 import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+logger = logging.getLogger(__name__)
 
 
 def _noop() -> None:
@@ -71,6 +77,7 @@ class CheckpointManager:
         self.barrier()
         if self.is_main:
             (tmp / "meta.json").write_text(json.dumps({"step": step, **(meta or {})}, indent=2) + "\n")
+            write_manifest(tmp)
             _fsync_tree(tmp)
             if final.exists():  # saving the same step again (e.g. the final save right after a periodic one)
                 trash = self.root / f".old-{final.name}"
@@ -96,19 +103,74 @@ class CheckpointManager:
         there is none; otherwise a path to a checkpoint dir, or to a directory holding ``step-*`` checkpoints.
         """
         if spec in ("auto", "latest"):
-            path = self.latest()
-            if path is None and spec == "latest":
-                raise FileNotFoundError(f"--resume latest: no checkpoint found under {self.root}")
-            return path
+            found = self.list()
+            if not found:
+                if spec == "latest":
+                    raise FileNotFoundError(f"--resume latest: no checkpoint found under {self.root}")
+                return None
+            return newest_intact([p for _, p in found])
         path = Path(spec)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume: checkpoint directory not found: {path}")
-        if (path / "meta.json").is_file():
+        if (path / "meta.json").is_file() or (path / MANIFEST).is_file():
+            problem = verify_checkpoint(path)
+            if problem:
+                raise ValueError(f"--resume: checkpoint {path} is damaged: {problem}")
             return path
-        inner = CheckpointManager(path).latest() or CheckpointManager(path / "checkpoints").latest()
-        if inner is None:
+        inner = CheckpointManager(path).list() or CheckpointManager(path / "checkpoints").list()
+        if not inner:
             raise FileNotFoundError(f"--resume: {path} is neither a checkpoint (no meta.json) nor holds step-* checkpoints")
-        return inner
+        return newest_intact([p for _, p in inner])
+
+
+def write_manifest(path: Path) -> None:
+    """``manifest.json``: size and sha256 of every file under ``path`` (written last: it vouches for the rest)."""
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of the manifest is there with its size and checksum, else what is wrong (naming the
+    file). A checkpoint without a manifest (written before manifests existed) is accepted with a warning."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        logger.warning("checkpoint %s has no %s: its files cannot be verified", path, MANIFEST)
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']} (truncated or rewritten)"
+        if _sha256(f) != entry["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+def newest_intact(paths: list[Path]) -> Path:
+    """The newest of ``paths`` (oldest first) that verifies; each newer damaged one is reported and skipped."""
+    problems = []
+    for path in reversed(paths):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            for skipped, why in problems:
+                logger.warning("skipping damaged checkpoint %s (%s); resuming from %s", skipped, why, path.name)
+            return path
+        problems.append((path.name, problem))
+    raise ValueError("no intact checkpoint to resume from: " + "; ".join(f"{n}: {w}" for n, w in problems))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
