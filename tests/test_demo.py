@@ -53,6 +53,22 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     scores = json.loads((tmp_path / "scores" / "results.json").read_text())
     assert scores["geneval"]["n_images"] == len(W.geneval_prompts(1))
 
+    # the ablation: the default's stages come from the cache, the contrastive tokenizer is the same recipe + CLIP
+    capsys.readouterr()
+    assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache), "--ablation"]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((cache / "ablation.json").read_text())
+    assert list(rows) == ["reconstruction", "reconstruction + contrastive"]
+    assert rows["reconstruction"]["psnr"] == results["psnr"] and rows["reconstruction"]["vqa"] == \
+        results["vqa"]["accuracy"]
+    assert all(0 <= v <= 1 for r in rows.values() for v in r["probe"]["codes"].values())
+    import yaml
+
+    loss = {name: yaml.safe_load((root / "tokenizer" / "run" / "config.yaml").read_text())["loss"]["clip"]
+            for name, root in (("default", cache), ("contrastive", cache / "contrastive"))}
+    assert loss == {"default": 0.0, "contrastive": 1.0}
+    assert "| reconstruction + contrastive |" in table and "| reconstruction |" in table
+
 
 class _Identity(torch.nn.Module):
     """A 'tokenizer' whose round trip is exact except for one flipped pixel value."""

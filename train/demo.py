@@ -12,6 +12,8 @@ Stages (each cached under ``--cache-dir``; a second run reuses every stage whose
                   prompt suite; a few answers, a PNG grid of generations, and the score table with stage times.
 
 ``--size smoke`` runs every stage in seconds (the test suite does); ``--size full`` is the README's figure.
+``--ablation`` runs the whole chain twice, after a reconstruction-only and a reconstruction + contrastive tokenizer,
+and prints the paper's ablation table (PSNR, per-position probe of the codes, VQA, GenEval-style).
 """
 from __future__ import annotations
 
@@ -88,13 +90,18 @@ class Stage:
 
 
 # ================================================================================================ stages
-def train_tokenizer(out: Path, size: DemoSize, seed: int) -> None:
+# The paper's thesis in miniature (`unitok demo --ablation`): the same tokenizer recipe with its CLIP term on (the
+# text tower trained contrastively on the world's captions, weight 1 as the release), then the same MLLM budget.
+CONTRASTIVE = ["loss.clip=1.0"]
+
+
+def train_tokenizer(out: Path, size: DemoSize, seed: int, overrides: list[str] = ()) -> None:
     from train.tokenizer.config import TokenizerTrainConfig
     from train.tokenizer.trainer import train
 
     cfg = TokenizerTrainConfig.load(REPO / "configs" / "tokenizer" / "demo.yaml",
                                     [f"train.steps={size.tokenizer_steps}", f"train.output_dir={out / 'run'}",
-                                     f"data.shapes_seed={seed}"])
+                                     f"data.shapes_seed={seed}", *overrides])
     train(cfg)
     shutil.move(str(out / "run" / "model"), str(out / "model"))
 
@@ -143,6 +150,7 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
 
     unitok = UniTok.from_pretrained(tokenizer_dir).eval()
     rng = np.random.default_rng(seed)
+    logger.info("data: drawing %d training scenes and %d prompt scenes per tag", size.train_scenes, size.prompt_scenes)
     scenes = W.generate_split("train", size.train_scenes, seed=seed)
     prompt_meta, prompt_scenes = [], []
     for tag in W.GENEVAL_TAGS:
@@ -158,10 +166,12 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
                     prompt_meta.append(meta)
                     prompt_scenes.append(scene)
                     break
-    codes = encode_scenes(unitok, scenes + prompt_scenes).tolist()
+    codes = encode_scenes(unitok, scenes + prompt_scenes, progress="data: encoding scenes").tolist()
     scene_codes, prompt_codes = codes[:len(scenes)], codes[len(scenes):]
 
+    logger.info("data: training the text tokenizer (sentencepiece, 640 pieces)")
     train_sentencepiece(texts_for_tokenizer(scenes, prompt_meta, template), out / "text_tokenizer", vocab_size=640)
+    logger.info("data: writing captions, prompts, ask-and-draw turns and VQA conversations to %s", out)
     with open(out / "captions.jsonl", "w") as f:
         for s, c in zip(scenes, scene_codes):
             f.write(json.dumps({"id": s.id, "text": W.captions(s), "codes": c}) + "\n")
@@ -283,7 +293,7 @@ def evaluate_chat_drawing(model, processor, unitok, prompts: list[dict], seed: i
 
 # ================================================================================================ driver
 def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = None,
-             tokenizer: str | None = None) -> dict:
+             tokenizer: str | None = None, tokenizer_overrides: list[str] = ()) -> dict:
     if threads:
         torch.set_num_threads(threads)
     cache.mkdir(parents=True, exist_ok=True)
@@ -291,9 +301,10 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
     base = {"seed": seed}  # each stage's key: only what changes its output (and the keys of its inputs)
     mllm = {"batch_size": size.batch_size, "max_tokens": size.max_tokens}
     if tokenizer is None:
-        tok = Stage(cache, "tokenizer", {**base, "steps": size.tokenizer_steps,
+        variant = {"overrides": list(tokenizer_overrides)} if tokenizer_overrides else {}
+        tok = Stage(cache, "tokenizer", {**base, "steps": size.tokenizer_steps, **variant,
                                           "config": _digest(REPO / "configs/tokenizer/demo.yaml")})
-        times["tokenizer"] = tok.run(lambda d: train_tokenizer(d, size, seed))
+        times["tokenizer"] = tok.run(lambda d: train_tokenizer(d, size, seed, list(tokenizer_overrides)))
         tok_dir, tok_key = tok.dir / "model", tok.key
     else:  # a given tokenizer (e.g. trained by an earlier demo): its weights identify it
         tok_dir = Path(tokenizer)
@@ -383,6 +394,37 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_ablation(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = None) -> dict:
+    """Reconstruction-only (the default) against reconstruction + contrastive tokenizers, each followed by the same
+    MLLM stages; the default's stages live in ``cache``, the contrastive ones in ``cache/contrastive``."""
+    from eval.shapes.probe import probe
+    from mllm.cli import load_mllm, load_unitok
+
+    rows = {}
+    for name, where, overrides in (("reconstruction", cache, []),
+                                   ("reconstruction + contrastive", cache / "contrastive", CONTRASTIVE)):
+        results = run_demo(where, size, seed, threads, tokenizer_overrides=overrides)
+        model, _ = load_mllm(results["paths"]["model"], device="cpu")
+        unitok = load_unitok(results["paths"]["tokenizer"], model, model.device)
+        n_train, n_test = (1000, 400) if size.test_scenes >= 100 else (20, 10)
+        rows[name] = {"psnr": results["psnr"], "probe": probe(model, unitok, n_train, n_test, seed),
+                      "vqa": results["vqa"]["accuracy"], "vqa_per_type": results["vqa"]["per_type"],
+                      "geneval": results["geneval"]["overall"], "geneval_per_task": results["geneval"]["per_task"],
+                      "minutes": sum(v["seconds"] for v in results["stages"].values()) / 60}
+    (cache / "ablation.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def format_ablation(rows: dict) -> str:
+    lines = ["| tokenizer | PSNR (dB) | probe of the codes: colour / shape / size / cell (%) | VQA | GenEval-style |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        c = r["probe"]["codes"]
+        lines.append(f"| {name} | {r['psnr']:.2f} | {100 * c['color']:.1f} / {100 * c['shape']:.1f} / "
+                     f"{100 * c['size']:.1f} / {100 * c['cell']:.1f} | {100 * r['vqa']:.1f} % | {r['geneval']:.3f} |")
+    return "\n".join(lines)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="runs/demo", help="stages are cached here and reused by later runs")
     p.add_argument("--size", choices=sorted(SIZES), default="full",
@@ -390,6 +432,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--tokenizer", default=None, help="use this trained 64-px UniTok instead of training one")
+    p.add_argument("--ablation", action="store_true",
+                   help="the paper's ablation: reconstruction-only vs reconstruction + contrastive tokenizers, each "
+                        "followed by the same MLLM stages (the second under CACHE_DIR/contrastive)")
     for field in ("tokenizer_steps", "pretrain_steps", "instruct_steps", "train_scenes", "test_scenes",
                   "prompts_per_tag"):
         p.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help=f"override the size's {field}")
@@ -404,6 +449,12 @@ def run(args: argparse.Namespace) -> int:
                                              "test_scenes", "prompts_per_tag") if getattr(args, k) is not None}
     size = replace(size, **changes)
     t = time.perf_counter()
+    if args.ablation:
+        if args.tokenizer:
+            raise ValueError("--ablation trains both tokenizers; it does not take --tokenizer")
+        print(format_ablation(run_ablation(Path(args.cache_dir), size, args.seed, args.threads)))
+        print(f"(this run: {time.perf_counter() - t:.0f} s wall)")
+        return 0
     results = run_demo(Path(args.cache_dir), size, args.seed, args.threads, args.tokenizer)
     print()
     print(format_table(results))

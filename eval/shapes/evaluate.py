@@ -39,11 +39,16 @@ def images_tensor(scenes: list[W.Scene], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_scenes(unitok, scenes: list[W.Scene], batch_size: int = 64) -> torch.Tensor:
+def encode_scenes(unitok, scenes: list[W.Scene], batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
+    """Codes of the rendered scenes; ``progress``: show a progress bar with this label."""
+    from tqdm import tqdm
+
     size = unitok.config.image_size
     device = next(unitok.parameters()).device
+    starts = tqdm(range(0, len(scenes), batch_size), desc=progress, unit="batch", disable=progress is None,
+                  dynamic_ncols=True)
     return torch.cat([unitok.encode(images_tensor(scenes[i:i + batch_size], size).to(device)).cpu()
-                      for i in range(0, len(scenes), batch_size)])
+                      for i in starts])
 
 
 @torch.no_grad()
