@@ -5,7 +5,8 @@ import argparse
 import importlib
 
 BENCHMARKS = {"shapes": ("eval.shapes.evaluate", "tokenizer PSNR, VQA accuracy and GenEval-style scores in the "
-                                                 "shapes world")}
+                                                 "shapes world"),
+              "score": ("eval.scorers", "official scoring of answer files: pope, mme, gqa, vqav2, textvqa, geneval")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,240 @@
+"""``unitok eval score {pope,mme,gqa,vqav2,textvqa,geneval} ...``: the official scoring rules on the official files,
+so that the same answers give the numbers the LLaVA / UniTok papers print (``../shared/notes/eval_spec.md``).
+
+* POPE (``llava/eval/eval_pope.py``): per category, answers in result-file order paired by position with the labels
+  of ``coco_pope_<category>.json`` in file order; an answer is "no" when its first sentence holds the word ``No``,
+  ``no`` or ``not`` (case-sensitive, split on spaces). Reported: the mean F1 over the categories.
+* MME (``eval_tool/calculation.py``): per ``<task>.txt`` of ``image\\tquestion\\tgt\\tprediction`` lines, consecutive
+  pairs per image; ``pred[:4]`` parse; task score = 100·acc + 100·acc+; perception and cognition totals.
+* GQA (testdev-balanced, the ``eval.py`` LLaVA uses): exact string match after ``rstrip('.').lower()`` of the answer.
+* VQAv2 / TextVQA: :mod:`eval.vqa_metric` (the official normalisation, unanimity rule and leave-one-out mean).
+* GenEval (``summary_scores.py``): per-task mean of ``correct``, overall = the unweighted mean of the six tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+POPE_CATEGORIES = ("adversarial", "popular", "random")
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+# ------------------------------------------------------------------------------------------------ POPE
+def pope_answer(text: str) -> str:
+    """``eval_pope.py``'s parse: first sentence, commas deleted, split on spaces; "no" if a word is No/not/no."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """TP/FP/TN/FN (positive = yes), accuracy, precision, recall, F1 and yes-ratio of one category."""
+    if len(answers) != len(labels):
+        raise ValueError(f"POPE pairs answers and labels by position: {len(answers)} answers, {len(labels)} labels "
+                         "(LLaVA's 2910-question random split needs the AoiDragon/POPE e3e3926 label file)")
+    pred = [0 if pope_answer(a) == "no" else 1 for a in answers]
+    gold = [0 if lab == "no" else 1 for lab in labels]
+    tp = sum(p == 1 and g == 1 for p, g in zip(pred, gold))
+    fp = sum(p == 1 and g == 0 for p, g in zip(pred, gold))
+    tn = sum(p == 0 and g == 0 for p, g in zip(pred, gold))
+    fn = sum(p == 0 and g == 1 for p, g in zip(pred, gold))
+    if tp + fp == 0:
+        raise ValueError("POPE: no answer parsed as yes, so precision is undefined (the official script divides "
+                         "by zero here)")
+    precision, recall = tp / (tp + fp), tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"TP": tp, "FP": fp, "TN": tn, "FN": fn, "accuracy": (tp + tn) / len(pred), "precision": precision,
+            "recall": recall, "f1": f1, "yes_ratio": sum(pred) / len(pred), "n": len(pred)}
+
+
+def score_pope(results: Sequence[Mapping], questions: Sequence[Mapping], annotation_dir: str | Path) -> dict:
+    """``results``: answer lines ``{question_id, text}``; ``questions``: LLaVA's question file (``question_id``,
+    ``category``); ``annotation_dir``: the ``coco_pope_<category>.json`` label files."""
+    category_of = {q["question_id"]: q["category"] for q in questions}
+    per: dict[str, Any] = {}
+    for cat in sorted({category_of[r["question_id"]] for r in results if r["question_id"] in category_of}):
+        labels = [json.loads(line)["label"] for line in open(Path(annotation_dir) / f"coco_pope_{cat}.json")
+                  if line.strip()]
+        answers = [r["text"] for r in results if category_of.get(r["question_id"]) == cat]
+        per[cat] = pope_scores(answers, labels)
+    if not per:
+        raise ValueError("POPE: no result line has a question_id of the question file")
+    f1s = [v["f1"] for v in per.values()]
+    return {"per_category": per, "f1": 100 * sum(f1s) / len(f1s),
+            "accuracy": 100 * sum(v["accuracy"] for v in per.values()) / len(per)}
+
+
+# ------------------------------------------------------------------------------------------------ MME
+def mme_answer(pred: str) -> str:
+    """``calculation.py``'s parse of the lower-cased prediction (trailing newline included, as it reads it)."""
+    if pred in ("yes", "no"):
+        return pred
+    head = pred[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def score_mme_task(lines: Sequence[str], name: str = "task") -> dict[str, float]:
+    """One ``<task>.txt``: acc over questions, acc+ over images (both answers right), score = 100·(acc + acc+)."""
+    rows = [line.split("\t") for line in lines if line.strip()]
+    if len(rows) % 2:
+        raise ValueError(f"MME {name}: {len(rows)} lines; the official script pairs 2 lines per image")
+    right = []
+    for row in rows:
+        if len(row) < 4:
+            raise ValueError(f"MME {name}: a line has {len(row)} tab fields, expected image, question, gt, answer")
+        gt, pred = row[2].lower(), row[-1].lower()
+        right.append(mme_answer(pred) == gt)
+    acc = sum(right) / len(right)
+    acc_plus = sum(right[i] and right[i + 1] for i in range(0, len(right), 2)) / (len(right) // 2)
+    return {"acc": 100 * acc, "acc_plus": 100 * acc_plus, "score": 100 * acc + 100 * acc_plus,
+            "n": len(right)}
+
+
+def score_mme(results_dir: str | Path) -> dict[str, Any]:
+    root = Path(results_dir)
+    tasks = {p.stem: score_mme_task(p.read_text().splitlines(keepends=True), p.stem)
+             for p in sorted(root.glob("*.txt"))}
+    if not tasks:
+        raise ValueError(f"MME: no <task>.txt files in {root}")
+    unknown = sorted(set(tasks) - set(MME_PERCEPTION) - set(MME_COGNITION))
+    if unknown:
+        raise ValueError(f"MME: unknown task file(s) {', '.join(unknown)} in {root}")
+    return {"tasks": tasks, "perception": sum(tasks[t]["score"] for t in MME_PERCEPTION if t in tasks),
+            "cognition": sum(tasks[t]["score"] for t in MME_COGNITION if t in tasks),
+            "missing": [t for t in MME_PERCEPTION + MME_COGNITION if t not in tasks]}
+
+
+# ------------------------------------------------------------------------------------------------ GQA
+def score_gqa(predictions: Sequence[Mapping], questions: Mapping[str, Mapping]) -> dict[str, Any]:
+    """``predictions``: ``[{questionId, prediction}]``; ``questions``: the official ``{id: {answer, isBalanced,
+    types: {structural}}}``. Exact match on balanced questions; binary / open (structural "query") splits."""
+    pred = {str(p["questionId"]): str(p["prediction"]).rstrip(".").lower() for p in predictions}
+    right: dict[str, list[bool]] = {"all": [], "binary": [], "open": []}
+    missing = 0
+    for qid, q in questions.items():
+        if not q.get("isBalanced", True):
+            continue
+        if qid not in pred:
+            missing += 1
+            continue
+        ok = pred[qid] == q["answer"]
+        right["all"].append(ok)
+        right["open" if (q.get("types") or {}).get("structural") == "query" else "binary"].append(ok)
+    if missing:
+        raise ValueError(f"GQA: {missing} balanced questions have no prediction")
+    return {k: 100 * sum(v) / len(v) if v else float("nan") for k, v in right.items()} | {"n": len(right["all"])}
+
+
+# ------------------------------------------------------------------------------------------------ TextVQA
+def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping]) -> dict[str, Any]:
+    """LLaVA's ``eval_textvqa.py``: the m4c evaluator's mean per-question accuracy (x100) over the annotated ids."""
+    from .vqa_metric import textvqa_accuracy
+
+    pred = {r["question_id"]: r["answer"] for r in results}
+    missing = [a["question_id"] for a in annotations if a["question_id"] not in pred]
+    if missing:
+        raise ValueError(f"TextVQA: {len(missing)} annotated questions have no answer (e.g. {missing[0]})")
+    accs = [textvqa_accuracy(pred[a["question_id"]], a["answers"]) for a in annotations]
+    return {"overall": 100 * sum(accs) / len(accs), "n": len(accs)}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _read_jsonl(path: str | Path) -> list[dict]:
+    out = []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {n}: invalid JSON ({err.msg})") from None
+    return out
+
+
+def _read_json_or_jsonl(path: str | Path) -> Any:
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith(("[", "{")) and not str(path).endswith(".jsonl"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON ({err.msg})") from None
+    return _read_jsonl(path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="scorer", required=True, metavar="BENCHMARK")
+    s = sub.add_parser("pope", help="F1 / accuracy per POPE category (LLaVA's eval_pope.py)")
+    s.add_argument("--result-file", required=True, help="answers JSONL {question_id, text}")
+    s.add_argument("--question-file", required=True, help="llava_pope_test.jsonl {question_id, category}")
+    s.add_argument("--annotation-dir", required=True, help="folder of coco_pope_<category>.json")
+    s = sub.add_parser("mme", help="MME task scores and perception / cognition totals (calculation.py)")
+    s.add_argument("--results-dir", required=True, help="folder of <task>.txt (image, question, gt, answer)")
+    s = sub.add_parser("gqa", help="GQA testdev-balanced accuracy (exact match)")
+    s.add_argument("--predictions", required=True, help="[{questionId, prediction}] JSON")
+    s.add_argument("--questions", required=True, help="testdev_balanced_questions.json")
+    for name in ("vqav2", "textvqa"):
+        s = sub.add_parser(name, help=f"{name} accuracy (official normalisation and 10-answer rule)")
+        s.add_argument("--result-file", required=True, help="[{question_id, answer}] JSON or JSONL")
+        s.add_argument("--annotations", required=True,
+                       help="official annotation JSON ({'annotations': [...]}) or a list of "
+                            "{question_id, answers}")
+    s = sub.add_parser("geneval", help="GenEval per-task and overall scores of a results.jsonl (summary_scores.py)")
+    s.add_argument("results", help="results.jsonl written by GenEval's evaluate_images.py (or ours)")
+    for s in sub.choices.values():
+        s.add_argument("--out", default=None, help="also write the figures as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .shapes.geneval import summarize
+    from .vqa_metric import evaluate_vqa
+
+    if args.scorer == "pope":
+        out = score_pope(_read_jsonl(args.result_file), _read_jsonl(args.question_file), args.annotation_dir)
+        for cat, v in out["per_category"].items():
+            print(f"{cat:<12} TP {v['TP']} FP {v['FP']} TN {v['TN']} FN {v['FN']}  acc {v['accuracy']:.3f}  "
+                  f"precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
+                  f"yes {v['yes_ratio']:.3f}")
+        print(f"POPE mean F1 {out['f1']:.1f}   (mean accuracy {out['accuracy']:.1f})")
+    elif args.scorer == "mme":
+        out = score_mme(args.results_dir)
+        for t, v in out["tasks"].items():
+            print(f"{t:<24} score {v['score']:.2f}  (acc {v['acc']:.2f}, acc+ {v['acc_plus']:.2f})")
+        print(f"MME perception {out['perception']:.2f}   cognition {out['cognition']:.2f}"
+              + (f"   (missing tasks: {', '.join(out['missing'])})" if out["missing"] else ""))
+    elif args.scorer == "gqa":
+        questions = _read_json_or_jsonl(args.questions)
+        out = score_gqa(_read_json_or_jsonl(args.predictions), questions)
+        print(f"GQA accuracy {out['all']:.2f}  (binary {out['binary']:.2f}, open {out['open']:.2f}, n={out['n']})")
+    elif args.scorer in ("vqav2", "textvqa"):
+        ann = _read_json_or_jsonl(args.annotations)
+        ann = _as_records(ann.get("annotations", ann.get("data")) if isinstance(ann, dict) else ann)
+        results = _as_records(_read_json_or_jsonl(args.result_file))
+        if args.scorer == "vqav2":  # LLaVA's submission pipeline: EvalAI answer processor, then vqaEval.py
+            res = evaluate_vqa(ann, results, "llava")
+            out = {k: v for k, v in res.items() if k not in ("acc", "evalQA")}
+        else:
+            out = score_textvqa(results, ann)
+        print(f"{args.scorer} accuracy {out['overall']:.2f}")
+    else:
+        out = summarize(_read_jsonl(args.results))
+        for t, v in out["per_task"].items():
+            print(f"{t:<16} {v:.5f}")
+        print(f"GenEval overall {out['overall']:.5f}  (images {out['n_images']}, prompts {out['n_prompts']})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    return 0
+
+
+def _as_records(rows: Iterable[Any]) -> list[dict]:
+    rows = list(rows)
+    if not all(isinstance(r, dict) and "question_id" in r for r in rows):
+        raise ValueError("expected records with a question_id field")
+    return rows
+
+
+__all__ = ["pope_answer", "pope_scores", "score_pope", "mme_answer", "score_mme_task", "score_mme", "score_gqa",
+           "score_textvqa"]
