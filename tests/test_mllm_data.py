@@ -489,3 +489,19 @@ def test_llava_jsonl_with_codes_keeps_them_under_format_auto(tmp_path, processor
     samples = _take(loader, 3)
     assert [s.id for s in samples] == ["q0", "q1", "q2"] and loader.stats.bad == 0
     assert [s.images[0].tolist() for s in samples] == [_codes(i) for i in range(3)]
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path, processor):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b"], "codes": [_codes(0), _codes(1)]}), tmp_path / "good.parquet")
+    data = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[:len(data) // 2])  # an interrupted copy: no footer
+    src = SourceConfig("caps", "t2i", [str(tmp_path / "good.parquet"), str(tmp_path / "cut.parquet")])
+    with pytest.raises(ValueError, match=r"data.sources\[caps\]: .*cut\.parquet is not a readable parquet file"):
+        _loader(tmp_path, [src], processor)
+    pq.write_table(pa.table({"caption": ["a"]}), tmp_path / "other.parquet")
+    src = SourceConfig("caps", "t2i", [str(tmp_path / "good.parquet"), str(tmp_path / "other.parquet")])
+    with pytest.raises(ValueError, match=r"other\.parquet has columns \['caption'\]"):
+        _loader(tmp_path, [src], processor)

@@ -107,12 +107,30 @@ def load_table(paths: list[str], fmt: str, streaming: bool = False, cache_dir: s
         ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         root_key = ROOT_KEY
     elif fmt == "parquet":
+        _check_parquet(paths, option)  # datasets' error would not say which file is damaged
         ds = datasets.load_dataset("parquet", data_files=paths, **load_kw)
     elif fmt == "webdataset":
         ds = datasets.load_dataset("webdataset", data_files=paths, **load_kw)
     else:
         raise ValueError(f"unknown {option}.format {fmt!r}")
     return ds, root_key
+
+
+def _check_parquet(paths: list[str], option: str) -> None:
+    """Each file's footer and schema must read (cheap: no row group is decoded); all files share one schema."""
+    import pyarrow.parquet as pq
+
+    first = None
+    for p in paths:
+        try:
+            schema = pq.read_schema(p)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for damaged files
+            raise ValueError(f"{option}: {p} is not a readable parquet file ({type(err).__name__}: {err})") from None
+        if first is None:
+            first = (p, schema)
+        elif set(schema.names) != set(first[1].names):
+            raise ValueError(f"{option}: {p} has columns {sorted(schema.names)}, {first[0]} has "
+                             f"{sorted(first[1].names)}; one source must have one schema")
 
 
 def _has_a_line(path: str) -> bool:
