@@ -50,6 +50,8 @@ def open_image(source, name: str) -> Image.Image:
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
     """RGB as the picture looks: EXIF orientation applied, 16-bit samples scaled (PIL's convert clips them, so
     mid-grey would turn white), transparency composited on ``background``; CMYK, palette and grey via PIL."""
+    if img.mode == "RGB" and 0x0112 not in img.getexif():  # the common case: no copy (this runs once per image read)
+        return img
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grey (PNG opens as I;16, older PIL as I)
         arr = np.asarray(img).astype(np.int64)
@@ -68,7 +70,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise FileNotFoundError(f"no image at {path}")
     try:
         return open_image(path, str(path))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
