@@ -138,20 +138,27 @@ def _has_a_line(path: str) -> bool:
         return any(line.strip() for line in f)
 
 
+def jsonl_items(f):
+    """``(line number from 0, parsed item or its json.JSONDecodeError)`` for each non-blank line of an open JSONL
+    file: a malformed line is reported, not raised (the LLaVA loader and the line-by-line JSONL table share it)."""
+    for n, line in enumerate(f):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield n, err
+
+
 def _jsonl_rows(path: str, keys: tuple[str, ...], stamp: str):  # noqa: ARG001 (stamp: part of the datasets cache key)
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                error = None if isinstance(item, dict) else f"record is a {type(item).__name__}, not an object"
-            except json.JSONDecodeError as err:
-                item, error = {}, f"invalid JSON line: {err.msg}"
-            if error is not None:
-                error = f"line {n} of {os.path.basename(path)}: {error}"
-            item = item if error is None else {}
-            yield {**{k: item.get(k) for k in keys}, ERROR_KEY: error}
+        for n, item in jsonl_items(f):
+            error = (f"invalid JSON line: {item.msg}" if isinstance(item, json.JSONDecodeError) else
+                     None if isinstance(item, dict) else f"record is a {type(item).__name__}, not an object")
+            if error is None:
+                yield {**{k: item.get(k) for k in keys}, ERROR_KEY: None}
+            else:
+                yield {**dict.fromkeys(keys), ERROR_KEY: f"line {n + 1} of {os.path.basename(path)}: {error}"}
 
 
 def _jsonl_lines_table(path: str, streaming: bool, cache_dir: str | None) -> Any:
@@ -162,14 +169,11 @@ def _jsonl_lines_table(path: str, streaming: bool, cache_dir: str | None) -> Any
     keys: dict[str, None] = {}
     bad = 0
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                item = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError:
-                bad += 1
-                continue
+        for _, item in jsonl_items(f):
             if isinstance(item, dict):
                 keys.update(dict.fromkeys(item))
+            else:
+                bad += 1
     logger.warning("%s: %d malformed line(s); they are skipped and counted as bad records", path, bad)
     stamp = f"{os.path.getsize(path)}:{os.path.getmtime(path)}"  # the Arrow cache key follows the file
     kwargs = {"gen_kwargs": {"path": path, "keys": tuple(keys), "stamp": stamp}}  # a list would be split in shards

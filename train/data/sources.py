@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from train.common.datasources import (ERROR_KEY, IMAGE_KEYS, ROOT_KEY, TEXT_KEYS, BadRecord, detect_format, expand_paths,
-                                      folder_table, keep_image_bytes, load_table, path_of, pick_caption, pick_key,
-                                      table_columns)
+from train.common.datasources import (ERROR_KEY, IMAGE_KEYS, ROOT_KEY, TEXT_KEYS, BadRecord, detect_format,
+                                      expand_paths, folder_table, jsonl_items, keep_image_bytes, load_table, path_of,
+                                      pick_caption, pick_key, table_columns)
 
 from .config import SourceConfig
 
@@ -172,19 +172,9 @@ def _llava_rows(paths: list[str], stamps: list[str]):  # noqa: ARG001 (stamps: p
             if head.startswith("["):
                 items = enumerate(json.load(f))
             else:
-                items = _jsonl_items(f)
+                items = jsonl_items(f)
             for n, item in items:
                 yield _llava_row(item, f"{base}:{n}", root)
-
-
-def _jsonl_items(f):
-    for n, line in enumerate(f):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as err:
-            yield n, err
 
 
 def _llava_row(item: Any, default_id: str, root: str) -> dict:
