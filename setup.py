@@ -13,10 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["tokenizer*", "mllm*", "train*", "eval*"]),
+    packages=find_packages(include=["tokenizer*", "mllm*", "train*", "eval*", "serve*"]),
     py_modules=["unitok_cli"],
     include_package_data=True,
-    package_data={"": ["*.yaml", "*.json"]},
+    package_data={"": ["*.yaml", "*.json", "*.html"]},
     # Supported ranges. transformers moves fast (5.24 renamed the KV-cache kwarg), so its range lists only tested
     # releases; the floors of the others are the versions we test. constraints.txt pins the exact tested set (the
     # README and CI install with it); .ci/run also smoke-tests the newest releases and warns when one breaks us.
@@ -39,9 +39,14 @@ setup(
         "webdataset>=0.2.100",
         "tensorboard>=2.16",
         "scipy>=1.11",
+        "fastapi>=0.115",  # unitok serve (+ uvicorn); tested: fastapi 0.165.0, uvicorn 0.55.0
+        "uvicorn>=0.30",
+        "httpx>=0.27",  # unitok serve fetches http(s) image URLs when allowed
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # the serving tests drive the server with the official openai client and the web UI with playwright
+        # (on Debian's chromium: apt-get install chromium; .ci/run installs it)
+        "dev": ["pytest>=8", "openai>=1.50", "playwright>=1.45"],
         # CUDA machines only: pip install --no-build-isolation -e ".[gpu]" after torch.
         "gpu": ["flash-attn>=2.6"],
     },

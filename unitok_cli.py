@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("mllm.cli:generate_command", "text-to-image with a UniTok MLLM (PNGs + grid)"),
     "train": ("train.mllm.cli:train_command", "train the MLLM from a YAML recipe (pretraining, instruction tuning)"),
     "merge-lora": ("train.mllm.cli:merge_lora_command", "merge a LoRA adapter into its base model"),
+    "serve": ("serve.cli", "OpenAI-compatible server + web UI for a UniTok MLLM (chat with images, text-to-image)"),
     "eval": ("eval.cli", "score a model: `unitok eval shapes --model DIR --tokenizer PATH`"),
     "convert-mllm": ("mllm.convert", "convert released UniTok-MLLM weights to this project's format"),
 }

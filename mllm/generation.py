@@ -98,25 +98,52 @@ def prefill(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 @torch.no_grad()
-def sample_position(model: UniTokMLLM, hidden: torch.Tensor, sampling: ImageSampling,
-                    generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K sub-codes of one position from backbone states ``[R, hidden]`` (R = 2B with guidance).
-    Returns the codes of all R rows ``[R, K]`` and the guided logits ``[B, K, V]``."""
+def sample_position(model: UniTokMLLM, hidden: torch.Tensor, sampling: ImageSampling | list[ImageSampling],
+                    generators: list[torch.Generator] | None = None,
+                    uncond_rows: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K sub-codes of one position from backbone states ``[R, hidden]``.
+
+    Rows ``0..B-1`` are the B requests. With one ``sampling`` for all of them, rows ``B..2B-1`` are their
+    unconditional rows when it is guided (R = 2B). A server's mixed batch gives one setting per request and
+    ``uncond_rows[b]``, the row of request b's unconditional prompt (``None``: unguided). Returns the codes of all R
+    rows ``[R, K]`` (an unconditional row follows its request's choice) and the guided logits ``[B, K, V]``."""
     head, K = model.depth_head, model.config.num_codebooks
+    if isinstance(sampling, ImageSampling):
+        B = hidden.shape[0] // (2 if sampling.guided else 1)
+        samplings = [sampling] * B
+        uncond_rows = [B + b if sampling.guided else None for b in range(B)]
+    else:
+        samplings, B = list(sampling), len(sampling)
+        uncond_rows = list(uncond_rows) if uncond_rows is not None else [None] * B
+        if any(s.guided != (u is not None) for s, u in zip(samplings, uncond_rows)):
+            raise ValueError("a request is guided (cfg_scale != 1) exactly when it has an unconditional row")
+    # requests with equal settings are sampled together (one group when the whole batch shares them)
+    members_of: dict[tuple, list[int]] = {}
+    for b, s in enumerate(samplings):
+        members_of.setdefault((s.cfg_scale, s.temperature, s.top_k, s.top_p), []).append(b)
+    device = hidden.device
+    groups = [(samplings[m[0]], m, torch.tensor(m, device=device),
+               torch.tensor([uncond_rows[b] for b in m], device=device) if samplings[m[0]].guided else None,
+               None if generators is None else [generators[b] for b in m]) for m in members_of.values()]
     decoder = DepthDecoder(head)
     cache = decoder.new_cache(hidden.shape[0], hidden)
     x = hidden
     codes, logits_per_book = [], []
     for k in range(K):
         logits = head.linear_head(decoder.step(x, cache)).float()
-        if sampling.guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + sampling.cfg_scale * (cond - uncond)
-        code = choose(logits, sampling, generators)
-        if sampling.guided:
-            code = torch.cat((code, code))  # the unconditional row follows the guided choice
+        code = torch.empty(hidden.shape[0], dtype=torch.long, device=device)
+        guided_logits = torch.empty((B, logits.shape[-1]), dtype=logits.dtype, device=device)
+        for s, members, rows, uncond, group_generators in groups:
+            group_logits = logits[rows]
+            if uncond is not None:
+                group_logits = logits[uncond] + s.cfg_scale * (group_logits - logits[uncond])
+            chosen = choose(group_logits, s, group_generators)
+            code[rows] = chosen
+            if uncond is not None:
+                code[uncond] = chosen  # the unconditional row follows the guided choice
+            guided_logits[rows] = group_logits
         codes.append(code)
-        logits_per_book.append(logits)
+        logits_per_book.append(guided_logits)
         if k < K - 1:
             x = head.codebooks[k](code)
     return torch.stack(codes, 1), torch.stack(logits_per_book, 1)

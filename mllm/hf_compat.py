@@ -10,6 +10,9 @@ what                            depends on
 ``with_cache_field``            ``LlamaModel.forward``'s signature, not the version string. ``generate`` finds the
                                 cache in a model output by this name, and passes it back under it.
 ``new_dynamic_cache``           ``DynamicCache(config=)``: per-layer cache types come from the config.
+``concat_cache_rows``,          ``DynamicCache.layers[i].keys/values`` ``[B, heads, T, head_dim]`` (a server merges rows
+``drop_cache_columns``,         of different lengths, left-padded, and trims columns no row attends to);
+``select_cache_rows``           ``Cache.batch_select_indices`` keeps rows.
 ``create_causal_mask``          ``masking_utils.create_causal_mask(config, inputs_embeds, attention_mask, <CACHE>,
                                 position_ids)`` (the depth head builds its own causal mask).
 ``init``                        ``transformers.initialization`` (v5): init functions that skip tensors already loaded
@@ -39,6 +42,8 @@ transformers' deprecation warnings turned into errors, so a new rename shows up 
 from __future__ import annotations
 
 import inspect
+
+import torch
 
 from transformers import initialization as init  # noqa: F401  (re-exported)
 from transformers.cache_utils import Cache, DynamicCache
@@ -76,6 +81,28 @@ def with_cache_field(cls):
 
 def new_dynamic_cache(config) -> DynamicCache:
     return DynamicCache(config=config)
+
+
+def concat_cache_rows(first: DynamicCache, second: DynamicCache, config) -> DynamicCache:
+    """One cache holding ``first``'s rows then ``second``'s; the shorter is left-padded with zeros (its attention
+    mask must be left-padded with zeros as well)."""
+    merged = new_dynamic_cache(config)
+    length = max(first.get_seq_length(), second.get_seq_length())
+    for i, (a, b) in enumerate(zip(first.layers, second.layers)):
+        pad = [torch.nn.functional.pad(t, (0, 0, length - t.shape[2], 0)) for t in (a.keys, b.keys, a.values,
+                                                                                   b.values)]
+        merged.update(torch.cat(pad[:2]), torch.cat(pad[2:]), i)
+    return merged
+
+
+def drop_cache_columns(cache: DynamicCache, n: int) -> None:
+    """Drop the first ``n`` sequence columns of every layer (columns masked out in every row)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+
+
+def select_cache_rows(cache: Cache, index: torch.Tensor) -> None:
+    cache.batch_select_indices(index)
 
 
 def prepare_generation_inputs(prepare, image_codes, *args, **kwargs) -> dict:

@@ -71,3 +71,39 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     if proc.returncode != 0:
         raise AssertionError(f"unitok {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def write_tiny_pair(root: Path, spread: float = 0.0) -> Path:
+    """A saved tiny MLLM (``root/mllm``, with a sentencepiece text tokenizer) and a tiny UniTok (``root/unitok``)
+    that fit each other. ``spread`` > 0 rescales the MLLM's random weights (std ``spread / sqrt(fan_in)``) so that
+    its logits have clear winners: greedy outputs are then stable under float reassociation (batching tests), and
+    replies are words."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from mllm import UniTokMLLM, UniTokMLLMConfig
+    from tokenizer import UniTok, UniTokConfig
+    from train.text_tokenizer import train_sentencepiece
+
+    words = "a red green blue circle square triangle on the left right of what colour is it how many two".split()
+    texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 10
+    tok_dir = train_sentencepiece(texts, root / "text", vocab_size=320)
+    text_tok = AutoTokenizer.from_pretrained(tok_dir)
+    unitok = UniTok(UniTokConfig.from_preset("tiny"))
+    unitok.save_pretrained(root / "unitok")
+    cfg = UniTokMLLMConfig.from_preset("tiny", vocab_size=len(text_tok))
+    torch.manual_seed(0)
+    m = UniTokMLLM(cfg)
+    m.load_tokenizer_weights(unitok)
+    if spread:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim > 1:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * spread)
+            # byte-fallback pieces (boi/eoi among them) get logit 0 against words' ~N(0, spread^2): replies are
+            # words, not runs of bytes that are invalid UTF-8 (whose decoding is not prefix-stable)
+            m.lm_head.weight[3:259] = 0
+    m.save_pretrained(root / "mllm")
+    text_tok.save_pretrained(root / "mllm")
+    return root

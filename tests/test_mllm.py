@@ -381,23 +381,9 @@ def test_from_llama_keeps_the_backbone_and_takes_the_tokenizer_codebooks(tmp_pat
 # ---------------------------------------------------------------------------- CLIs
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    """A saved tiny MLLM (with a sentencepiece text tokenizer) and a tiny UniTok that fit each other."""
-    from train.text_tokenizer import train_sentencepiece
+    from mllm_train_helpers import write_tiny_pair
 
-    root = tmp_path_factory.mktemp("pair")
-    words = "a red green blue circle square triangle on the left right of what colour is it how many two".split()
-    texts = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 10
-    tok_dir = train_sentencepiece(texts, root / "text", vocab_size=320)
-    text_tok = AutoTokenizer.from_pretrained(tok_dir)
-    unitok = UniTok(UniTokConfig.from_preset("tiny"))
-    unitok.save_pretrained(root / "unitok")
-    cfg = UniTokMLLMConfig.from_preset("tiny", vocab_size=len(text_tok))
-    torch.manual_seed(0)
-    m = UniTokMLLM(cfg)
-    m.load_tokenizer_weights(unitok)
-    m.save_pretrained(root / "mllm")
-    text_tok.save_pretrained(root / "mllm")
-    return root
+    return write_tiny_pair(tmp_path_factory.mktemp("pair"))
 
 
 def test_generate_cli_writes_pngs_and_grid(tiny_pair, tmp_path):

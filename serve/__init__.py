@@ -1,0 +1,1 @@
+"""`unitok serve`: an OpenAI-compatible server (api), one continuous-batching engine (engine) and a web page."""
