@@ -6,6 +6,8 @@ import importlib
 
 BENCHMARKS = {"shapes": ("eval.shapes.evaluate", "tokenizer PSNR, VQA accuracy and GenEval-style scores in the "
                                                  "shapes world"),
+              "vqa": ("eval.vqa_runner", "answer a benchmark (vqav2, gqa, textvqa, pope, mme) with a checkpoint, "
+                                         "LLaVA-1.5 protocol, then score it or write its submission file"),
               "score": ("eval.scorers", "official scoring of answer files: pope, mme, gqa, vqav2, textvqa, geneval")}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -52,15 +53,19 @@ def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]
             "recall": recall, "f1": f1, "yes_ratio": sum(pred) / len(pred), "n": len(pred)}
 
 
-def score_pope(results: Sequence[Mapping], questions: Sequence[Mapping], annotation_dir: str | Path) -> dict:
+def score_pope(results: Sequence[Mapping], questions: Sequence[Mapping], annotation_dir: str | Path,
+               first_only: bool = False) -> dict:
     """``results``: answer lines ``{question_id, text}``; ``questions``: LLaVA's question file (``question_id``,
-    ``category``); ``annotation_dir``: the ``coco_pope_<category>.json`` label files."""
+    ``category``); ``annotation_dir``: the ``coco_pope_<category>.json`` label files. ``first_only``: the answers
+    cover only the first questions of each category (a ``--limit`` run), paired with as many first labels."""
     category_of = {q["question_id"]: q["category"] for q in questions}
     per: dict[str, Any] = {}
     for cat in sorted({category_of[r["question_id"]] for r in results if r["question_id"] in category_of}):
         labels = [json.loads(line)["label"] for line in open(Path(annotation_dir) / f"coco_pope_{cat}.json")
                   if line.strip()]
         answers = [r["text"] for r in results if category_of.get(r["question_id"]) == cat]
+        if first_only:
+            labels = labels[:len(answers)]
         per[cat] = pope_scores(answers, labels)
     if not per:
         raise ValueError("POPE: no result line has a question_id of the question file")
@@ -131,10 +136,41 @@ def score_gqa(predictions: Sequence[Mapping], questions: Mapping[str, Mapping]) 
 
 
 # ------------------------------------------------------------------------------------------------ TextVQA
+def textvqa_question(prompt: str) -> str:
+    """LLaVA ``eval_textvqa.py``'s ``prompt_processor``: the question, lower-cased, out of a TextVQA prompt."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        if match is None:
+            raise ValueError(f"TextVQA: cannot find the question in the prompt {prompt[:60]!r}")
+        question = match.group(1)
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        raise ValueError(f"TextVQA: a prompt of {len(lines)} lines is none of LLaVA's layouts: {prompt[:60]!r}")
+    return question.lower()
+
+
 def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping]) -> dict[str, Any]:
-    """LLaVA's ``eval_textvqa.py``: the m4c evaluator's mean per-question accuracy (x100) over the annotated ids."""
+    """The m4c evaluator's mean per-question accuracy (x100).
+
+    LLaVA answer lines (``{question_id, prompt, text}``) are matched as LLaVA's ``eval_textvqa.py`` does: by
+    ``(image_id, question)``, where LLaVA's question file stores the image id in ``question_id`` and the question is
+    read back out of the prompt; every answer line is scored. Plain ``{question_id, answer}`` results are matched
+    by question id and must cover every annotated question."""
     from .vqa_metric import textvqa_accuracy
 
+    if results and "prompt" in results[0] and "text" in results[0]:
+        by_key = {(a["image_id"], a["question"].lower()): a for a in annotations}
+        accs = []
+        for r in results:
+            key = (r["question_id"], textvqa_question(r["prompt"]))
+            if key not in by_key:
+                raise ValueError(f"TextVQA: no annotation for image {key[0]!r} and question {key[1]!r}")
+            accs.append(textvqa_accuracy(r["text"], by_key[key]["answers"]))
+        return {"overall": 100 * sum(accs) / len(accs), "n": len(accs)}
     pred = {r["question_id"]: r["answer"] for r in results}
     missing = [a["question_id"] for a in annotations if a["question_id"] not in pred]
     if missing:
@@ -144,7 +180,10 @@ def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping]) ->
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
+    """The records of a JSONL file; a missing file or a bad line is an error naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
     out = []
     for n, line in enumerate(open(path, encoding="utf-8"), 1):
         if line.strip():
@@ -162,7 +201,7 @@ def _read_json_or_jsonl(path: str | Path) -> Any:
             return json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: invalid JSON ({err.msg})") from None
-    return _read_jsonl(path)
+    return read_jsonl(path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     from .vqa_metric import evaluate_vqa
 
     if args.scorer == "pope":
-        out = score_pope(_read_jsonl(args.result_file), _read_jsonl(args.question_file), args.annotation_dir)
+        out = score_pope(read_jsonl(args.result_file), read_jsonl(args.question_file), args.annotation_dir)
         for cat, v in out["per_category"].items():
             print(f"{cat:<12} TP {v['TP']} FP {v['FP']} TN {v['TN']} FN {v['FN']}  acc {v['accuracy']:.3f}  "
                   f"precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
@@ -220,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             out = score_textvqa(results, ann)
         print(f"{args.scorer} accuracy {out['overall']:.2f}")
     else:
-        out = summarize(_read_jsonl(args.results))
+        out = summarize(read_jsonl(args.results))
         for t, v in out["per_task"].items():
             print(f"{t:<16} {v:.5f}")
         print(f"GenEval overall {out['overall']:.5f}  (images {out['n_images']}, prompts {out['n_prompts']})")

@@ -1,0 +1,200 @@
+"""`unitok eval vqa`: LLaVA-layout benchmark folders in, LLaVA answer files, official scores and submission files
+out. Batched answers equal one-at-a-time answers, a rerun resumes, two accelerate processes give the merged answers
+of one, and a missing image is counted, never fatal."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unitok_cli
+from eval.scorers import textvqa_question
+from mllm_train_helpers import REPO, write_tiny_pair
+
+SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_tiny_pair(tmp_path_factory.mktemp("runner"), spread=2.0)
+
+
+def picture(path: Path, seed: int, size=(80, 60)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path.name
+
+
+def write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def pope_folder(root: Path) -> Path:
+    """3 categories x 3 questions on 4 images; question 8's image is missing."""
+    questions, labels = [], {}
+    for i in range(9):
+        cat = ("adversarial", "popular", "random")[i // 3]
+        image = f"COCO_val2014_{i % 4:012d}.jpg" if i != 8 else "COCO_val2014_missing.jpg"
+        if i < 4:
+            picture(root / "val2014" / image, i)
+        questions.append({"question_id": i, "image": image, "text": f"Is there a circle in the image?{SUFFIX}",
+                          "category": cat})
+        labels.setdefault(cat, []).append({"question_id": i, "image": image, "text": "Is there a circle?",
+                                           "label": "yes" if i % 2 else "no"})
+    write_jsonl(root / "llava_pope_test.jsonl", questions)
+    for cat, rows in labels.items():
+        write_jsonl(root / "coco" / f"coco_pope_{cat}.json", rows)
+    return root
+
+
+def evaluate(pair, benchmark: str, data: Path, out: Path, *extra: str) -> dict:
+    assert unitok_cli.main(["eval", "vqa", "--benchmark", benchmark, "--model", str(pair / "mllm"), "--tokenizer",
+                            str(pair / "unitok"), "--data", str(data), "--out", str(out), *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def merged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in open(out / "answers" / "merge.jsonl")]
+
+
+def test_pope_answers_scores_and_a_missing_image(pair, tmp_path):
+    data = pope_folder(tmp_path / "pope")
+    results = evaluate(pair, "pope", data, tmp_path / "out", "--batch-size", "4")
+    rows = merged(tmp_path / "out")
+    assert [r["question_id"] for r in rows] == list(range(9))  # question-file order
+    assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert rows[0]["prompt"].endswith(SUFFIX) and rows[0]["model_id"] == "mllm"
+    assert results["image_errors"] == 1 and rows[8]["text"] == "" and "no image at" in rows[8]["metadata"][
+        "image_error"]
+    assert set(results["scores"]["per_category"]) == {"adversarial", "popular", "random"}
+    from eval.scorers import score_pope
+
+    expected = score_pope(rows, [json.loads(line) for line in open(data / "llava_pope_test.jsonl")], data / "coco")
+    assert results["scores"] == json.loads(json.dumps(expected))
+    assert "POPE mean F1" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_batched_answers_equal_one_at_a_time_and_a_rerun_resumes(pair, tmp_path):
+    data = pope_folder(tmp_path / "pope")
+    one = evaluate(pair, "pope", data, tmp_path / "one", "--batch-size", "1", "--limit", "6")
+    many = evaluate(pair, "pope", data, tmp_path / "many", "--batch-size", "6", "--limit", "6")
+    texts = [r["text"] for r in merged(tmp_path / "one")]
+    assert texts == [r["text"] for r in merged(tmp_path / "many")] and any(texts)
+    assert one["generated_this_run"] == many["generated_this_run"] == 6
+
+    shard_file = next((tmp_path / "many" / "answers").glob("rank-*.jsonl"))
+    lines = shard_file.read_text().splitlines(keepends=True)
+    shard_file.write_text("".join(lines[:4]) + lines[4][:20])  # a crash mid-write: the 5th line is cut short
+    again = evaluate(pair, "pope", data, tmp_path / "many", "--batch-size", "6", "--limit", "6")
+    assert again["generated_this_run"] == 2  # only the lost answers
+    assert [r["text"] for r in merged(tmp_path / "many")] == texts
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_merge_to_the_single_process_answers(pair, tmp_path):
+    data = pope_folder(tmp_path / "pope")
+    evaluate(pair, "pope", data, tmp_path / "single")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unitok_cli", "eval", "vqa", "--benchmark",
+           "pope", "--model", str(pair / "mllm"), "--tokenizer", str(pair / "unitok"), "--data", str(data), "--out",
+           str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "two" / "answers").glob("rank-*.jsonl")) == [
+        "rank-00000.jsonl", "rank-00001.jsonl"]
+    assert [(r["question_id"], r["text"]) for r in merged(tmp_path / "two")] == [
+        (r["question_id"], r["text"]) for r in merged(tmp_path / "single")]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["scores"] == json.loads(
+        (tmp_path / "single" / "results.json").read_text())["scores"]
+
+
+def test_mme_ground_truth_files_and_scores(pair, tmp_path):
+    data = tmp_path / "MME"
+    root = data / "MME_Benchmark_release_version"
+    questions = []
+    for task, nested in (("existence", True), ("count", False)):
+        for k in range(2):
+            name = f"{k:03d}"
+            picture(root / task / ("images" if nested else "") / f"{name}.png", k)
+            qa = root / task / ("questions_answers_YN" if nested else "") / f"{name}.txt"
+            qa.parent.mkdir(parents=True, exist_ok=True)
+            spaces = "  " if task == "count" else " "  # some MME files have two spaces before the instruction
+            qa.write_text(f"Is there a circle?{spaces}Please answer yes or no.\tYes\n"
+                          f"Is there a square?{spaces}Please answer yes or no.\tNo\n")
+            for q in ("Is there a circle?", "Is there a square?"):
+                questions.append({"question_id": f"{task}/{name}.png", "image": f"{task}/{'images/' if nested else ''}"
+                                  f"{name}.png", "text": q + SUFFIX, "category": task})
+    write_jsonl(data / "llava_mme.jsonl", questions)
+    results = evaluate(pair, "mme", data, tmp_path / "out")
+    lines = (tmp_path / "out" / "mme" / "count.txt").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].split("\t")[:3] == ["000.txt", "Is there a circle?  Please answer yes or no.",
+                                                            "Yes"]
+    assert set(results["scores"]["tasks"]) == {"existence", "count"}
+    assert results["scores"]["perception"] == sum(v["score"] for v in results["scores"]["tasks"].values())
+
+
+def test_gqa_vqav2_and_textvqa_files(pair, tmp_path):
+    gqa = tmp_path / "gqa"
+    write_jsonl(gqa / "llava_gqa_testdev_balanced.jsonl", [
+        {"question_id": f"20{i}", "image": picture(gqa / "data" / "images" / f"n{i}.jpg", i), "text": "What is it?"
+         + SUFFIX} for i in range(3)])
+    results = evaluate(pair, "gqa", gqa, tmp_path / "gqa-out")
+    predictions = json.loads((tmp_path / "gqa-out" / "testdev_balanced_predictions.json").read_text())
+    assert [p["questionId"] for p in predictions] == ["200", "201", "202"] and results["scores"] is None
+    official = {p["questionId"]: {"answer": p["prediction"] if i else "nothing", "isBalanced": True,
+                                  "types": {"structural": "query"}} for i, p in enumerate(predictions)}
+    (gqa / "data" / "testdev_balanced_questions.json").write_text(json.dumps(official))
+    scored = evaluate(pair, "gqa", gqa, tmp_path / "gqa-out")
+    assert scored["generated_this_run"] == 0 and abs(scored["scores"]["all"] - 200 / 3) < 1e-9
+
+    vqa = tmp_path / "vqav2"
+    test_dev = [{"question_id": i, "image": picture(vqa / "test2015" / f"t{i}.jpg", i), "text": "What?" + SUFFIX}
+                for i in range(2)]
+    write_jsonl(vqa / "llava_vqav2_mscoco_test-dev2015.jsonl", test_dev)
+    write_jsonl(vqa / "llava_vqav2_mscoco_test2015.jsonl", test_dev + [{"question_id": 9, "image": "x.jpg",
+                                                                         "text": "?"}])
+    results = evaluate(pair, "vqav2", vqa, tmp_path / "vqa-out")
+    upload = json.loads(Path(results["files"]["evalai_upload"]).read_text())
+    from eval.vqa_metric import EvalAIAnswerProcessor
+
+    texts = [r["text"] for r in merged(tmp_path / "vqa-out")]
+    assert upload == [{"question_id": 0, "answer": EvalAIAnswerProcessor()(texts[0])},
+                      {"question_id": 1, "answer": EvalAIAnswerProcessor()(texts[1])}, {"question_id": 9, "answer": ""}]
+
+    text = tmp_path / "textvqa"
+    prompt = "what is written?\nReference OCR token: stop, sign" + SUFFIX
+    write_jsonl(text / "llava_textvqa_val_v051_ocr.jsonl", [
+        {"question_id": "abc", "image": picture(text / "train_images" / "abc.jpg", 0), "text": prompt}])
+    evaluate(pair, "textvqa", text, tmp_path / "text-out")  # answers, no annotations yet
+    answer = merged(tmp_path / "text-out")[0]["text"]
+    (text / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"image_id": "abc", "question": "What is written?", "question_id": 7, "answers": [answer or "x"] * 10}]}))
+    assert evaluate(pair, "textvqa", text, tmp_path / "text-out")["scores"]["overall"] == (100.0 if answer else 0.0)
+
+
+def test_textvqa_question_is_read_back_as_llava_does():
+    assert textvqa_question("What is it?\nReference OCR token: a, b\nAnswer briefly.") == "what is it?"
+    assert textvqa_question("Reference OCR token: a\nWhat is it?\nAnswer briefly.") == "what is it?"
+    assert textvqa_question("What is it?\nAnswer briefly.") == "what is it?"
+    assert textvqa_question("OCR tokens: a b Question: Why? Short answer:") == "why?"
+    with pytest.raises(ValueError, match="none of LLaVA's layouts"):
+        textvqa_question("one line")
+
+
+def test_bad_inputs_are_one_line_errors(pair, tmp_path, capsys):
+    code = unitok_cli.main(["eval", "vqa", "--benchmark", "pope", "--model", str(pair / "mllm"), "--tokenizer",
+                            str(pair / "unitok"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no pope question file at" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "llava_pope_test.jsonl").write_text('{"question_id": 1}\n{bad\n')
+    code = unitok_cli.main(["eval", "vqa", "--benchmark", "pope", "--model", str(pair / "mllm"), "--tokenizer",
+                            str(pair / "unitok"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 2 and "llava_pope_test.jsonl line 2: invalid JSON" in capsys.readouterr().err
