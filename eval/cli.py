@@ -8,6 +8,8 @@ BENCHMARKS = {"shapes": ("eval.shapes.evaluate", "tokenizer PSNR, VQA accuracy a
                                                  "shapes world"),
               "vqa": ("eval.vqa_runner", "answer a benchmark (vqav2, gqa, textvqa, pope, mme) with a checkpoint, "
                                          "LLaVA-1.5 protocol, then score it or write its submission file"),
+              "shapes-export": ("eval.shapes.export", "the shapes world's test scenes in POPE, GQA, VQAv2 and MME "
+                                                      "file layouts (for `eval vqa` end to end)"),
               "score": ("eval.scorers", "official scoring of answer files: pope, mme, gqa, vqav2, textvqa, geneval")}
 
 

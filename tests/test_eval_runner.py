@@ -198,3 +198,56 @@ def test_bad_inputs_are_one_line_errors(pair, tmp_path, capsys):
     code = unitok_cli.main(["eval", "vqa", "--benchmark", "pope", "--model", str(pair / "mllm"), "--tokenizer",
                             str(pair / "unitok"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
     assert code == 2 and "llava_pope_test.jsonl line 2: invalid JSON" in capsys.readouterr().err
+
+
+def test_shapes_exports_score_as_the_shapes_world_does(pair, tmp_path):
+    """The shapes world's test scenes in the official layouts: each runner + official scorer gives the figure the
+    shapes scoring gives on the same answers. Half the answers are written beforehand with the ground truth (the
+    runner resumes and answers the rest), so the figures are neither 0 nor 100."""
+    from eval.scorers import mme_answer, pope_scores
+    from eval.shapes import export
+    from eval.shapes.evaluate import test_scenes
+    from eval.vqa_metric import official_round, single_answer_accuracy
+
+    counts = export.export(tmp_path / "x", test_scenes(6))
+    truth = {}
+    for r in json.loads((tmp_path / "x" / "vqav2" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]:
+        truth[r["question_id"]] = r["multiple_choice_answer"]
+
+    def run(bench, *extra):
+        data, out = tmp_path / "x" / bench, tmp_path / f"{bench}-out"
+        questions = [json.loads(line) for line in open(next(data.glob("llava_*.jsonl")) if bench != "vqav2" else
+                                                       data / "llava_vqav2_mscoco_test-dev2015.jsonl")]
+        oracle = [{"question_id": q["question_id"], "prompt": q["text"], "metadata": {},
+                   "text": truth[int(q["question_id"])] if bench != "mme" else "Yes"} for q in questions[::2]]
+        write_jsonl(out / "answers" / "rank-00000.jsonl", oracle)
+        results = evaluate(pair, bench, data, out, "--max-new-tokens", "4", *extra)
+        assert results["answered"] == len(questions) == counts[bench]
+        assert results["generated_this_run"] == len(questions) - len(oracle)
+        return results, merged(out)
+
+    results, rows = run("vqav2", "--annotations", str(tmp_path / "x" / "vqav2" / "v2_mscoco_val2014_annotations.json"))
+    direct = [single_answer_accuracy(r["text"], truth[r["question_id"]]) for r in rows]
+    assert 0 < sum(direct) < len(direct)
+    assert results["scores"]["overall"] == official_round(100 * sum(direct) / len(direct), 2)
+
+    results, rows = run("gqa")
+    direct = [r["text"].rstrip(".").lower() == truth[int(r["question_id"])] for r in rows]
+    assert abs(results["scores"]["all"] - 100 * sum(direct) / len(direct)) < 1e-9 and 0 < sum(direct) < len(direct)
+
+    results, rows = run("pope")
+    expected = pope_scores([r["text"] for r in rows], [truth[r["question_id"]] for r in rows])
+    assert results["scores"]["per_category"]["random"] == expected
+
+    results, rows = run("mme")
+    scene_truth = {}
+    for task in ("existence", "position"):
+        for txt in (tmp_path / "x" / "mme" / "MME_Benchmark_release_version" / task).glob("*.txt"):
+            for line in txt.read_text().splitlines():
+                question, answer = line.split("\t")
+                scene_truth[(task, txt.stem, question.replace(" Please answer yes or no.", ""))] = answer.lower()
+    for task, scores in results["scores"]["tasks"].items():
+        mine = [r for r in rows if r["question_id"].startswith(task + "/")]
+        right = [mme_answer(r["text"].lower()) == scene_truth[(task, r["question_id"].split("/")[1][:-4],
+                                                               r["prompt"].split(" Answer the")[0])] for r in mine]
+        assert abs(scores["acc"] - 100 * sum(right) / len(right)) < 1e-9
