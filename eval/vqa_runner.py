@@ -67,8 +67,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="official annotations: VQAv2 val JSON, GQA questions JSON, TextVQA JSON, POPE folder "
                         "(default: the layout's file when present)")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace the answers of another run in --out")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+RUN_OUTPUTS = ("run.json", "answers", "results.json", "results.md", "testdev_balanced_predictions.json",
+               "answers_upload", "mme")
+
+
+def claim_run(out: Path, run: dict, overwrite: bool, writer: bool) -> None:
+    """A rerun of the same run resumes; answers of another model, tokenizer, benchmark, question file or decoding
+    length in ``out`` are never mixed in: that is an error, or with ``--overwrite`` they are deleted first."""
+    from tokenizer.checkpoint import claim_output
+
+    marker = out / "run.json"
+    if marker.is_file() and json.loads(marker.read_text()) == run:
+        return
+    if marker.is_file() and not overwrite:
+        theirs = json.loads(marker.read_text())
+        differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in run.items() if theirs.get(k) != v)
+        raise FileExistsError(f"{out} holds the answers of another run: {differ}; pass --overwrite to replace them, "
+                              f"or choose another --out")
+    claim_output(out, overwrite, RUN_OUTPUTS, remove=writer)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run, indent=1) + "\n")
+        tmp.replace(marker)  # other ranks read it: never half-written
 
 
 # ---------------------------------------------------------------------------- files
@@ -152,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
     # processes without a GPU shard over gloo (PartialState's cpu flag; accelerate launch --cpu sets the variable)
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     out, state = Path(args.out), PartialState(cpu=cpu)
+    run_id = {"benchmark": args.task, "model": str(Path(args.model).resolve()),
+              "tokenizer": str(Path(args.tokenizer).resolve()), "question_file": str(question_file.resolve()),
+              "max_new_tokens": args.max_new_tokens or layout.max_new_tokens}
+    claim_run(out, run_id, args.overwrite, writer=state.is_main_process)
+    state.wait_for_everyone()
     answer_dir = out / "answers"
     answer_dir.mkdir(parents=True, exist_ok=True)
     done = answered(answer_dir)
@@ -162,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_mllm(args.model, args.device, args.dtype)
     unitok = load_unitok(args.tokenizer, model, model.device)
     model_id = Path(args.model).resolve().name
-    max_new = args.max_new_tokens or layout.max_new_tokens
+    max_new = run_id["max_new_tokens"]
     shard_file = answer_dir / f"rank-{state.process_index:05d}.jsonl"
     if shard_file.is_file() and shard_file.stat().st_size and not shard_file.read_bytes().endswith(b"\n"):
         with open(shard_file, "a", encoding="utf-8") as f:  # end a line a crash cut short (it is ignored)
@@ -203,8 +234,8 @@ def finish(benchmark: str, questions: list[dict], done: dict, out: Path, data: P
            if r.get("metadata", {}).get("image_error")]
     results = {"benchmark": benchmark, "questions": len(questions), "answered": len(merged),
                "generated_this_run": generated, "image_errors": len(bad), "image_error_examples": bad[:10]}
-    results["scores"], results["files"] = BENCHMARK_FINISH[benchmark](merged, questions, out, data, annotations,
-                                                                       partial)
+    results["scores"], results["files"] = (BENCHMARK_FINISH[benchmark](merged, questions, out, data, annotations,
+                                                                        partial) if merged else (None, {}))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(format_results(benchmark, results) + "\n")
     return results

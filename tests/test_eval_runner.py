@@ -97,6 +97,20 @@ def test_batched_answers_equal_one_at_a_time_and_a_rerun_resumes(pair, tmp_path)
     assert [r["text"] for r in merged(tmp_path / "many")] == texts
 
 
+def test_answers_of_another_run_are_never_mixed_in(pair, tmp_path, capsys):
+    data = pope_folder(tmp_path / "pope")
+    evaluate(pair, "pope", data, tmp_path / "out", "--limit", "3")
+    args = ["eval", "vqa", "--benchmark", "pope", "--model", str(pair / "mllm"), "--tokenizer", str(pair / "unitok"),
+            "--data", str(data), "--out", str(tmp_path / "out"), "--limit", "3", "--max-new-tokens", "5"]
+    before = (tmp_path / "out" / "answers" / "merge.jsonl").read_text()
+    assert unitok_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds the answers of another run: max_new_tokens 128 (now 5)" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "answers" / "merge.jsonl").read_text() == before  # nothing touched
+    assert unitok_cli.main(args + ["--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["generated_this_run"] == 3
+
+
 @pytest.mark.slow
 def test_two_accelerate_processes_merge_to_the_single_process_answers(pair, tmp_path):
     data = pope_folder(tmp_path / "pope")
@@ -220,6 +234,7 @@ def test_shapes_exports_score_as_the_shapes_world_does(pair, tmp_path):
                                                        data / "llava_vqav2_mscoco_test-dev2015.jsonl")]
         oracle = [{"question_id": q["question_id"], "prompt": q["text"], "metadata": {},
                    "text": truth[int(q["question_id"])] if bench != "mme" else "Yes"} for q in questions[::2]]
+        evaluate(pair, bench, data, out, "--max-new-tokens", "4", "--limit", "0", *extra)  # claims the folder
         write_jsonl(out / "answers" / "rank-00000.jsonl", oracle)
         results = evaluate(pair, bench, data, out, "--max-new-tokens", "4", *extra)
         assert results["answered"] == len(questions) == counts[bench]
