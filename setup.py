@@ -50,5 +50,7 @@ setup(
         # CUDA machines only: pip install --no-build-isolation -e ".[gpu]" after torch.
         "gpu": ["flash-attn>=2.6"],
     },
-    entry_points={"console_scripts": ["unitok=unitok_cli:main"]},
+    entry_points={"console_scripts": ["unitok=unitok_cli:main"],
+                  # lmms-eval finds `--model unitok_mllm` here (lmms-eval >= 0.6; installed without its deps)
+                  "lmms_eval.models": ["unitok_mllm=eval.lmms_plugin:manifest"]},
 )

@@ -122,7 +122,7 @@ def sample_position(model: UniTokMLLM, hidden: torch.Tensor, sampling: ImageSamp
     for b, s in enumerate(samplings):
         members_of.setdefault((s.cfg_scale, s.temperature, s.top_k, s.top_p), []).append(b)
     device = hidden.device
-    groups = [(samplings[m[0]], m, torch.tensor(m, device=device),
+    groups = [(samplings[m[0]], torch.tensor(m, device=device),
                torch.tensor([uncond_rows[b] for b in m], device=device) if samplings[m[0]].guided else None,
                None if generators is None else [generators[b] for b in m]) for m in members_of.values()]
     decoder = DepthDecoder(head)
@@ -133,7 +133,7 @@ def sample_position(model: UniTokMLLM, hidden: torch.Tensor, sampling: ImageSamp
         logits = head.linear_head(decoder.step(x, cache)).float()
         code = torch.empty(hidden.shape[0], dtype=torch.long, device=device)
         guided_logits = torch.empty((B, logits.shape[-1]), dtype=logits.dtype, device=device)
-        for s, members, rows, uncond, group_generators in groups:
+        for s, rows, uncond, group_generators in groups:
             group_logits = logits[rows]
             if uncond is not None:
                 group_logits = logits[uncond] + s.cfg_scale * (group_logits - logits[uncond])

@@ -208,7 +208,7 @@ class Server:
         except httpx.HTTPError as err:
             raise APIError(400, f"{where}: cannot fetch {url} ({type(err).__name__}: {err})", param=where) from None
 
-    def chat_request(self, body: ChatRequest) -> tuple[Request, list[dict]]:
+    def chat_request(self, body: ChatRequest) -> Request:
         from mllm.conversation import IMAGE_PLACEHOLDER
         from mllm.generation import ImageSampling, TextSampling
 
@@ -254,9 +254,8 @@ class Server:
             image = ImageSampling(cfg_scale=body.cfg_scale, temperature=1.0)
         except ValueError as err:
             raise APIError(400, str(err)) from None
-        request = Request("chat", prompt, proc.generation_prompt(None, unconditional=True), text=text, image=image,
-                          seed=_seed(body.seed), pixels=torch.stack(pictures) if pictures else None)
-        return request, messages
+        return Request("chat", prompt, proc.generation_prompt(None, unconditional=True), text=text, image=image,
+                       seed=_seed(body.seed), pixels=torch.stack(pictures) if pictures else None)
 
     def image_requests(self, body: ImageRequest) -> list[Request]:
         from mllm.generation import ImageSampling
@@ -443,7 +442,7 @@ def create_app(server: Server, allowed_origins: list[str] | None = None):
     async def chat_completions(http: HTTPRequest):
         body = parse(ChatRequest, await server.read_json(http))
         server.check_model(body.model)
-        request, _ = await asyncio.to_thread(server.chat_request, body)  # decoding images off the event loop
+        request = await asyncio.to_thread(server.chat_request, body)  # decoding images off the event loop
         stream = server.submit(request)
         deadline = time.monotonic() + server.limits.request_timeout
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

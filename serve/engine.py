@@ -180,19 +180,25 @@ class Engine:
                 if self._stopping:
                     return
                 admitted = self._take_admissible()
-            try:
-                with torch.inference_mode():
-                    if admitted:
+            with torch.inference_mode():
+                if admitted:
+                    try:  # a request that cannot be prefilled fails alone; the running batch is untouched
                         self._admit(admitted)
-                    if self.rows:
+                    except Exception as err:
+                        self._fail(admitted, err)
+                if self.rows:
+                    try:  # a bug or an out-of-memory fails the running requests, not the server
                         self._step()
-            except Exception as err:  # a bug or an out-of-memory fails the running requests, not the server
-                traceback.print_exc()
-                failed = list({id(r.request): r.request for r in self.rows}.values())
-                failed += [r for r in admitted if all(r is not f for f in failed)]
-                self.rows, self.batch = [], None
-                for request in failed:
-                    request.on_event(Event("error", text=f"the engine failed: {type(err).__name__}: {err}"))
+                    except Exception as err:
+                        running = list({id(r.request): r.request for r in self.rows}.values())
+                        self.rows, self.batch = [], None
+                        self._fail(running, err)
+
+    @staticmethod
+    def _fail(requests: list[Request], err: Exception) -> None:
+        traceback.print_exc()
+        for request in requests:
+            request.on_event(Event("error", text=f"the engine failed: {type(err).__name__}: {err}"))
 
     def _take_admissible(self) -> list[Request]:
         taken, rows = [], len(self.rows)

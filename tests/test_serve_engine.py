@@ -206,3 +206,22 @@ def test_limits_stop_and_cancel(engine, stack):
     while engine.running_rows and time.time() < deadline:
         time.sleep(0.01)
     assert engine.running_rows == 0 and not slow.on_event.finished.is_set()  # its rows left, nothing was sent
+
+
+def test_a_request_that_fails_fails_alone(engine, stack):
+    """A request the engine cannot run (here: pixels of the wrong size) gets an error event; a request running at
+    the same time finishes with its own output, and the engine goes on serving."""
+    _, processor, _ = stack
+    alone = run_together(engine, [picture_request(processor, "a red circle", 7, cfg_scale=3.0, top_k=8)])[0]
+    running = picture_request(processor, "a red circle", 7, cfg_scale=3.0, top_k=8)
+    engine.submit(running)
+    while not running.codes:
+        time.sleep(0.001)
+    broken = chat_request(processor, [{"role": "user", "content": "<image>\nwhat is it"}],
+                          pixels=torch.zeros(1, 3, 32, 32))
+    engine.submit(broken)
+    assert broken.on_event.finished.wait(60) and broken.on_event.done.kind == "error"
+    assert "the engine failed: ValueError" in broken.on_event.done.text
+    assert running.on_event.finished.wait(60) and running.on_event.done.kind == "done"
+    assert torch.equal(codes_of(running), codes_of(alone))
+    assert engine.thread.is_alive()
