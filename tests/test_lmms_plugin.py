@@ -18,8 +18,9 @@ from PIL import Image
 from mllm_train_helpers import REPO, write_tiny_pair
 
 LMMS = os.environ.get("UNITOK_LMMS_EVAL_PATH")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (LMMS and (Path(LMMS) / "lmms_eval").is_dir()),
-                                                  reason="lmms-eval not installed: set UNITOK_LMMS_EVAL_PATH (see .ci/lmms-eval-deps.txt)")]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (LMMS and (Path(LMMS) / "lmms_eval").is_dir()),
+                                 reason="lmms-eval not installed: set UNITOK_LMMS_EVAL_PATH (.ci/lmms-eval-deps.txt)")]
 
 TASK = """\
 dataset_path: json
