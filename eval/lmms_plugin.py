@@ -1,4 +1,4 @@
-"""lmms-eval model plugin: ``lmms-eval --model unitok_mllm --model_args pretrained=DIR,tokenizer=PATH --tasks pope,mme``.
+"""lmms-eval model plugin: ``lmms-eval --model unitok_mllm --model_args pretrained=DIR,tokenizer=PATH --tasks pope``.
 
 Registered through lmms-eval's ``lmms_eval.models`` entry point (setup.py points it at :func:`manifest`), so an
 installed unitok-mllm is found without patching lmms-eval. lmms-eval's own dependency set pins torchvision, which

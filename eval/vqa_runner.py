@@ -308,7 +308,8 @@ def _vqav2(merged, questions, out, data, annotations, partial):
 
 def mme_ground_truth(root: Path) -> dict:
     """(task, <image>.txt, question) -> answer, from the MME release's question files (LLaVA's
-    ``convert_answer_to_mme.py``): ``<task>/questions_answers_YN/*.txt`` or ``<task>/*.txt``, lines question\\tanswer."""
+    ``convert_answer_to_mme.py``): ``<task>/questions_answers_YN/*.txt`` or ``<task>/*.txt``, lines
+    ``question<TAB>answer``."""
     truth = {}
     for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         qa_dir = task_dir / "questions_answers_YN" if (task_dir / "images").is_dir() else task_dir

@@ -531,8 +531,9 @@ async def _sse(server: Server, request: Request, stream: EventStream, deadline: 
                 break
             else:
                 yield chunk({}, event.finish_reason)
-                if include_usage:
-                    yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': event.usage})}\n\n"
+                if include_usage:  # OpenAI's last chunk: no choices, the whole usage
+                    last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": event.usage}
+                    yield f"data: {json.dumps(last)}\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:  # the client left mid-stream: its rows leave the batch

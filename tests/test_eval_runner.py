@@ -115,8 +115,8 @@ def test_answers_of_another_run_are_never_mixed_in(pair, tmp_path, capsys):
 def test_two_accelerate_processes_merge_to_the_single_process_answers(pair, tmp_path):
     data = pope_folder(tmp_path / "pope")
     evaluate(pair, "pope", data, tmp_path / "single")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unitok_cli", "eval", "vqa", "--benchmark",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unitok_cli", "eval", "vqa", "--benchmark",
            "pope", "--model", str(pair / "mllm"), "--tokenizer", str(pair / "unitok"), "--data", str(data), "--out",
            str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
