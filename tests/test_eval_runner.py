@@ -116,9 +116,9 @@ def test_two_accelerate_processes_merge_to_the_single_process_answers(pair, tmp_
     data = pope_folder(tmp_path / "pope")
     evaluate(pair, "pope", data, tmp_path / "single")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unitok_cli", "eval", "vqa", "--benchmark",
-           "pope", "--model", str(pair / "mllm"), "--tokenizer", str(pair / "unitok"), "--data", str(data), "--out",
-           str(tmp_path / "two")]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "unitok_cli", "eval", "vqa",
+           "--benchmark", "pope", "--model", str(pair / "mllm"), "--tokenizer", str(pair / "unitok"), "--data",
+           str(data), "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
