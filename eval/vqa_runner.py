@@ -190,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
                  state.process_index, state.num_processes)
     state.wait_for_everyone()  # every rank shards the same snapshot of what is answered, before anyone writes
 
-    model, processor = load_mllm(args.model, args.device, args.dtype)
+    # each process on its own device (accelerate's cuda:<local rank>), unless --device says otherwise
+    model, processor = load_mllm(args.model, args.device or str(state.device), args.dtype)
     unitok = load_unitok(args.tokenizer, model, model.device)
     model_id = Path(args.model).resolve().name
     max_new = run_id["max_new_tokens"]
