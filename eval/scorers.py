@@ -213,14 +213,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("mme", help="MME task scores and perception / cognition totals (calculation.py)")
     s.add_argument("--results-dir", required=True, help="folder of <task>.txt (image, question, gt, answer)")
     s = sub.add_parser("gqa", help="GQA testdev-balanced accuracy (exact match)")
-    s.add_argument("--predictions", required=True, help="[{questionId, prediction}] JSON")
+    given = s.add_mutually_exclusive_group(required=True)
+    given.add_argument("--answers", help="LLaVA answers JSONL {question_id, text} (converted as "
+                                         "convert_gqa_for_eval.py does)")
+    given.add_argument("--predictions", help="[{questionId, prediction}] JSON (convert_gqa_for_eval.py's output)")
     s.add_argument("--questions", required=True, help="testdev_balanced_questions.json")
     for name in ("vqav2", "textvqa"):
         s = sub.add_parser(name, help=f"{name} accuracy (official normalisation and 10-answer rule)")
-        s.add_argument("--result-file", required=True, help="[{question_id, answer}] JSON or JSONL")
+        given = s.add_mutually_exclusive_group(required=True)
+        given.add_argument("--answers", help="LLaVA answers JSONL {question_id, prompt, text}")
+        given.add_argument("--result-file", help="[{question_id, answer}] JSON or JSONL")
         s.add_argument("--annotations", required=True,
-                       help="official annotation JSON ({'annotations': [...]}) or a list of "
+                       help="official annotation JSON ({'annotations': [...]} / {'data': [...]}) or a list of "
                             "{question_id, answers}")
+        s.add_argument("--questions", default=None,
+                       help="official questions JSON ({'questions': [...]}): score only the questions it lists")
     s = sub.add_parser("geneval", help="GenEval per-task and overall scores of a results.jsonl (summary_scores.py)")
     s.add_argument("results", help="results.jsonl written by GenEval's evaluate_images.py (or ours)")
     for s in sub.choices.values():
@@ -246,12 +253,24 @@ def run(args: argparse.Namespace) -> int:
               + (f"   (missing tasks: {', '.join(out['missing'])})" if out["missing"] else ""))
     elif args.scorer == "gqa":
         questions = _read_json_or_jsonl(args.questions)
-        out = score_gqa(_read_json_or_jsonl(args.predictions), questions)
+        predictions = (_read_json_or_jsonl(args.predictions) if args.predictions else
+                       [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()}
+                        for r in _as_records(read_jsonl(args.answers, "answers file"))])
+        out = score_gqa(predictions, questions)
         print(f"GQA accuracy {out['all']:.2f}  (binary {out['binary']:.2f}, open {out['open']:.2f}, n={out['n']})")
     elif args.scorer in ("vqav2", "textvqa"):
         ann = _read_json_or_jsonl(args.annotations)
         ann = _as_records(ann.get("annotations", ann.get("data")) if isinstance(ann, dict) else ann)
-        results = _as_records(_read_json_or_jsonl(args.result_file))
+        if args.questions:
+            listed = _read_json_or_jsonl(args.questions)
+            listed = {q["question_id"] for q in (listed["questions"] if isinstance(listed, dict) else listed)}
+            ann = [a for a in ann if a["question_id"] in listed]
+        if args.answers:
+            results = _as_records(read_jsonl(args.answers, "answers file"))
+            if args.scorer == "vqav2":
+                results = [{"question_id": r["question_id"], "answer": r["text"]} for r in results]
+        else:
+            results = _as_records(_read_json_or_jsonl(args.result_file))
         if args.scorer == "vqav2":  # LLaVA's submission pipeline: EvalAI answer processor, then vqaEval.py
             res = evaluate_vqa(ann, results, "llava")
             out = {k: v for k, v in res.items() if k not in ("acc", "evalQA")}
@@ -264,8 +283,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"{t:<16} {v:.5f}")
         print(f"GenEval overall {out['overall']:.5f}  (images {out['n_images']}, prompts {out['n_prompts']})")
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str) + "\n")
+        Path(args.out).write_text(json.dumps(official_keys(args.scorer, out), indent=1, default=str) + "\n")
     return 0
+
+
+def official_keys(scorer: str, out: dict) -> dict:
+    """The figures of ``--out`` under the keys the official scripts' users know (issue-level contract)."""
+    if scorer == "pope":
+        return {**out["per_category"], "mean": {"f1": out["f1"], "accuracy": out["accuracy"]}}
+    if scorer == "mme":
+        return {"Perception": {"total": out["perception"],
+                               "tasks": {t: v for t, v in out["tasks"].items() if t in MME_PERCEPTION}},
+                "Cognition": {"total": out["cognition"],
+                              "tasks": {t: v for t, v in out["tasks"].items() if t in MME_COGNITION}},
+                "missing": out["missing"]}
+    if scorer == "gqa":
+        return {"accuracy": out["all"], "binary": out["binary"], "open": out["open"], "n": out["n"]}
+    if scorer == "geneval":
+        return {"tasks": out["per_task"], "overall": out["overall"], "n_images": out["n_images"],
+                "n_prompts": out["n_prompts"]}
+    return out
 
 
 def _as_records(rows: Iterable[Any]) -> list[dict]:

@@ -63,7 +63,10 @@ def test_pope_on_the_real_label_files_pairs_answers_by_position(tmp_path):
     assert unitok_cli.main(["eval", "score", "pope", "--result-file", str(tmp_path / "a.jsonl"), "--question-file",
                             str(tmp_path / "q.jsonl"), "--annotation-dir", str(root), "--out",
                             str(tmp_path / "pope.json")]) == 0
-    assert json.loads((tmp_path / "pope.json").read_text())["f1"] == pytest.approx(out["f1"])
+    written = json.loads((tmp_path / "pope.json").read_text())  # the issue's keys: {category: {TP, ..., f1}}
+    assert written["mean"]["f1"] == pytest.approx(out["f1"])
+    assert {k: written[k] for k in expected} == json.loads(json.dumps(out["per_category"]))
+    assert set(written["random"]) >= {"TP", "FP", "TN", "FN", "accuracy", "precision", "recall", "f1", "yes_ratio"}
 
 
 @pytest.mark.parametrize("pred, parsed", [
@@ -86,9 +89,43 @@ def test_mme_task_score_is_acc_plus_acc_plus(tmp_path, capsys):
     (tmp_path / "mme").mkdir()
     (tmp_path / "mme" / "color.txt").write_text("".join(lines))
     (tmp_path / "mme" / "code_reasoning.txt").write_text("".join(lines[:2]))
-    assert unitok_cli.main(["eval", "score", "mme", "--results-dir", str(tmp_path / "mme")]) == 0
+    assert unitok_cli.main(["eval", "score", "mme", "--results-dir", str(tmp_path / "mme"), "--out",
+                            str(tmp_path / "mme.json")]) == 0
     out = capsys.readouterr().out
     assert "MME perception 125.00   cognition 200.00" in out
+    written = json.loads((tmp_path / "mme.json").read_text())
+    assert written["Perception"]["total"] == 125.0 and set(written["Perception"]["tasks"]) == {"color"}
+    assert written["Cognition"] == {"total": 200.0, "tasks": {"code_reasoning": score_mme_task(lines[:2])}}
+
+
+def test_gqa_and_vqav2_take_llava_answer_files(tmp_path):
+    """`gqa --answers A.jsonl --questions Q.json` and `vqav2 --answers A.jsonl --annotations F --questions F`:
+    LLaVA's answer lines, converted as its convert scripts do."""
+    answers = [{"question_id": "1", "prompt": "q", "text": "The man."}, {"question_id": "2", "prompt": "q",
+                                                                           "text": "Yes."}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
+    (tmp_path / "q.json").write_text(json.dumps({"1": {"answer": "the man", "isBalanced": True},
+                                                 "2": {"answer": "yes", "isBalanced": True,
+                                                       "types": {"structural": "verify"}}}))
+    assert unitok_cli.main(["eval", "score", "gqa", "--answers", str(tmp_path / "a.jsonl"), "--questions",
+                            str(tmp_path / "q.json"), "--out", str(tmp_path / "gqa.json")]) == 0
+    assert json.loads((tmp_path / "gqa.json").read_text())["accuracy"] == 100.0  # rstrip('.').lower()
+
+    vqa = [{"question_id": 1, "prompt": "q", "text": "Two"}, {"question_id": 2, "prompt": "q", "text": "red"},
+           {"question_id": 3, "prompt": "q", "text": "x"}]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
+    ann = {"annotations": [{"question_id": i, "answer_type": "other", "question_type": "what",
+                            "answers": [{"answer": a, "answer_id": k + 1} for k in range(10)]}
+                           for i, a in ((1, "2"), (2, "blue"), (3, "x"))]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (tmp_path / "qs.json").write_text(json.dumps({"questions": [{"question_id": 1}, {"question_id": 2}]}))
+    v = vqa[:2]
+    (tmp_path / "v2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in v))
+    assert unitok_cli.main(["eval", "score", "vqav2", "--answers", str(tmp_path / "v2.jsonl"), "--annotations",
+                            str(tmp_path / "ann.json"), "--questions", str(tmp_path / "qs.json"), "--out",
+                            str(tmp_path / "vqa.json")]) == 0
+    written = json.loads((tmp_path / "vqa.json").read_text())
+    assert written["overall"] == 50.0 and set(written) == {"overall", "perAnswerType", "perQuestionType"}
 
 
 def test_gqa_is_exact_match_on_balanced_questions():
