@@ -120,5 +120,16 @@ def test_lmms_eval_runs_the_plugin_on_a_local_task(tmp_path):
                              TextSampling(max_new_tokens=6)))
     assert result["answers"] == expected and any(expected)  # batched through lmms-eval, in request order
     assert result["exact"] == sum(a == "red" for a in expected) / len(expected)
-    (greedy_lp, greedy), (other_lp, other) = result["loglikelihood"]
-    assert greedy and not other and other_lp < greedy_lp < 0
+    # loglikelihood: the continuation's summed log-probability after the prompt, and whether argmax gives it
+    import torch
+
+    codes = unitok.encode(preprocess_padded(load_image(docs[0]["image"]), 64)[None])
+    prompt = processor.chat_prompt([{"role": "user", "content": "<image>\n" + docs[0]["question"]}])
+    for continuation, (lp, greedy) in zip((expected[0], expected[0] + " zz"), result["loglikelihood"]):
+        target = processor.tokenizer(continuation, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + target]), image_codes=codes).logits[0, len(prompt) - 1:-1]
+        logprobs = logits.float().log_softmax(-1)
+        assert lp == pytest.approx(float(logprobs.gather(-1, torch.tensor(target)[:, None]).sum()), rel=1e-4)
+        assert greedy == bool((logprobs.argmax(-1) == torch.tensor(target)).all())
+    assert not result["loglikelihood"][1][1]  # " zz" is not what the model says
