@@ -59,6 +59,15 @@ def losses(run_dir: Path) -> dict[int, float]:
             if "train/loss" in r}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a test's server or a torchrun master)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def unitok_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "unitok_cli", *args]
 

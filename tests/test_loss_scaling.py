@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from mllm_train_helpers import REPO, make_data, write_recipe
+from mllm_train_helpers import REPO, free_port, make_data, write_recipe
 
 pytestmark = pytest.mark.slow
 PROBE = REPO / "tests" / "train_probe.py"
@@ -56,18 +56,10 @@ def _probe(root, files, name, grad_accum, ranks, launcher=(sys.executable,), dee
     return metrics, grads
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(n: int) -> list[str]:
     """Plain DDP over gloo (accelerate reads the torchrun environment; ACCELERATE_USE_CPU makes it multi-CPU)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-            str(_free_port())]
+            str(free_port())]
 
 
 def _ds_launch(stage: str) -> list[str]:

@@ -8,7 +8,6 @@ import base64
 import concurrent.futures
 import http.server
 import io
-import socket
 import threading
 import time
 
@@ -21,17 +20,12 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 
 from mllm.cli import load_mllm, load_unitok  # noqa: E402
+from mllm_train_helpers import free_port, write_tiny_pair  # noqa: E402
 from mllm.generation import ImageSampling, TextSampling, chat, generate_images  # noqa: E402
 from serve.api import Limits, Server, create_app  # noqa: E402
 from serve.engine import Engine  # noqa: E402
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_uvicorn(app, port: int):
@@ -50,8 +44,6 @@ def start_uvicorn(app, port: int):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from mllm_train_helpers import write_tiny_pair
-
     root = write_tiny_pair(tmp_path_factory.mktemp("serve-api"), spread=2.0)
     model, processor = load_mllm(str(root / "mllm"))
     unitok = load_unitok(str(root / "unitok"), model, model.device)

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mllm_train_helpers import REPO, write_tiny_pair
-from test_serve_api import free_port
+from mllm_train_helpers import REPO, free_port, write_tiny_pair
 
 pytestmark = pytest.mark.slow
 
