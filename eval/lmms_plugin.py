@@ -68,7 +68,7 @@ class UniTokLMMS(lmms):
 
     # ------------------------------------------------------------------ lmms-eval API
     def generate_until(self, requests) -> list[str]:
-        from mllm.generation import TextSampling, generate_text_ids, left_pad
+        from mllm.generation import TextSampling, generate_replies
 
         answers: list[str | None] = [None] * len(requests)
         by_settings: dict[str, list[int]] = {}
@@ -91,13 +91,7 @@ class UniTokLMMS(lmms):
                     visuals = self._visuals(doc_to_visual, doc_id, task, split)
                     rows.append(self._prompt(context, len(visuals)))
                     images += visuals
-                ids, mask = left_pad(rows, proc.pad_token_id)
-                new = generate_text_ids(self.model, ids.to(self.model.device), self._codes(images), sampling,
-                                        eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id,
-                                        attention_mask=mask.to(self.model.device))
-                for i, row in zip(batch, new.tolist()):
-                    row = row[:row.index(proc.eos_token_id)] if proc.eos_token_id in row else row
-                    text = proc.decode(row)
+                for i, text in zip(batch, generate_replies(self.model, proc, rows, self._codes(images), sampling)):
                     for stop in until:
                         if stop:
                             text = text.split(stop)[0]

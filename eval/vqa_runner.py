@@ -126,7 +126,7 @@ def shard(items: list, rank: int, world: int) -> list:
 def answer_batch(model, processor, unitok, questions: list[dict], image_folder: Path, max_new_tokens: int
                  ) -> list[tuple[str, str | None]]:
     """(answer text, image error or None) per question; a question whose image cannot be read is answered ""."""
-    from mllm.generation import TextSampling, generate_text_ids, left_pad
+    from mllm.generation import TextSampling, generate_replies
     from tokenizer.image import load_image, preprocess_padded
 
     pixels, rows, errors = [], [], []
@@ -142,16 +142,8 @@ def answer_batch(model, processor, unitok, questions: list[dict], image_folder: 
     if rows:
         with torch.inference_mode():
             codes = unitok.encode(torch.stack(pixels).to(model.device))
-        ids, mask = left_pad(rows, processor.pad_token_id)
-        new = generate_text_ids(model, ids.to(model.device), codes, TextSampling(max_new_tokens=max_new_tokens),
-                                eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id,
-                                attention_mask=mask.to(model.device))
-        texts = iter([processor.decode(_until_eos(r.tolist(), processor.eos_token_id)) for r in new])
+        texts = iter(generate_replies(model, processor, rows, codes, TextSampling(max_new_tokens=max_new_tokens)))
     return [("", err) if err else (next(texts), None) for err in errors]
-
-
-def _until_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[:ids.index(eos)] if eos in ids else ids
 
 
 def run(args: argparse.Namespace) -> int:

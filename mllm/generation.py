@@ -217,7 +217,7 @@ def generate_images(model: UniTokMLLM, processor, prompts: list[str], sampling: 
     return torch.stack(state.codes, dim=2)
 
 
-__all__ = ["TextSampling", "generate_text_ids", "chat", "reply", "Reply", "ImageSampling", "filter_logits", "choose", "prefill", "sample_position", "advance",
+__all__ = ["TextSampling", "generate_text_ids", "generate_replies", "chat", "reply", "Reply", "ImageSampling", "filter_logits", "choose", "prefill", "sample_position", "advance",
            "generate_image_codes", "generate_images", "left_pad"]
 
 
@@ -271,6 +271,17 @@ def generate_text_ids(model: UniTokMLLM, input_ids: torch.Tensor, image_codes: t
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     return model.generate(inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=eos,
                           pad_token_id=0 if pad is None else pad, streamer=streamer, **kwargs)
+
+
+def generate_replies(model: UniTokMLLM, processor, prompts: list[list[int]], image_codes: torch.Tensor | None,
+                     sampling: TextSampling | None = None) -> list[str]:
+    """Replies to prompt ids (``image_codes`` fill their image slots in order), decoded in one left-padded batch;
+    each reply ends at its first eos."""
+    ids, mask = left_pad(prompts, processor.pad_token_id)
+    new = generate_text_ids(model, ids.to(model.device), image_codes, sampling, eos_token_id=processor.eos_token_id,
+                            pad_token_id=processor.pad_token_id, attention_mask=mask.to(model.device))
+    eos = processor.eos_token_id
+    return [processor.decode(row[:row.index(eos)] if eos in row else row) for row in new.tolist()]
 
 
 @dataclass
