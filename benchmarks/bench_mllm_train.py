@@ -1,12 +1,14 @@
 """MLLM training throughput: tokens/s and the fraction of this machine's fp32 matmul peak reached.
 
-    python benchmarks/bench_mllm_train.py [--config medium] [--rows 4 --row-tokens 512] [--peak-gflops 190]
+    python benchmarks/bench_mllm_train.py [--config medium tiny] [--precision fp32 bf16] [--rows R --row-tokens T]
 
-One optimiser step = forward + backward + AdamW on a packed micro-batch (rows of ``--row-tokens`` tokens, each row
-holding text->image, image->text and text-only samples, position ids restarting per sample), random weights, fp32
-(bf16 autocast with ``--bf16``). Model FLOPs are counted analytically (6 x parameters touched per token for
-matmuls, plus attention scores), so MFU = achieved FLOP/s / peak. The peak default is the measured fp32 matmul peak
-of the 2-core CPU in notes/env_feasibility.md §5 (use ~405 for bf16 there, or the GPU's datasheet peak).
+One optimiser step = forward + backward + AdamW on a packed micro-batch (rows of tokens, each row holding
+text->image, image->text and text-only samples, position ids restarting per sample), random weights, in fp32 and
+with bf16 autocast, side by side. Model FLOPs are counted analytically (6 x parameters touched per token for
+matmuls, plus attention scores), so MFU = achieved FLOP/s / peak, each precision against its own peak: the measured
+fp32 (190) and bf16 (405 GFLOP/s) matmul peaks of the 2-core CPU in notes/env_feasibility.md §5, or
+``--peak-gflops FP32 BF16`` (a GPU's datasheet). ``tiny`` is the demo's model (4 KV heads) at the demo's
+micro-batch (16 rows x 256 tokens).
 """
 from __future__ import annotations
 
@@ -76,31 +78,24 @@ def model_flops(model: UniTokMLLM, batch: dict, out) -> float:
     return flops
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="medium")
-    ap.add_argument("--rows", type=int, default=4)
-    ap.add_argument("--row-tokens", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--peak-gflops", type=float, default=190.0)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = UniTokMLLMConfig.from_preset(args.config)
+# config -> (rows, tokens per row): medium as the reference timing; tiny as the demo's micro-batch (16 x 256, packed)
+BATCHES = {"medium": (4, 512), "tiny": (16, 256)}
+PEAKS = {"fp32": 190.0, "bf16": 405.0}  # GFLOP/s of this 2-core CPU's matmul (notes/env_feasibility.md §5)
+
+
+def measure(name: str, precision: str, steps: int, device: str, rows: int, row_tokens: int) -> dict:
+    overrides = {"num_key_value_heads": 4} if name == "tiny" else {}  # the demo's tiny model
+    cfg = UniTokMLLMConfig.from_preset(name, **overrides)
     hf.set_attn_implementation(cfg, "sdpa")
     torch.manual_seed(0)
     model = UniTokMLLM(cfg).to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = packed_batch(cfg, args.rows, args.row_tokens)
+    batch = packed_batch(cfg, rows, row_tokens)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    tokens = batch["input_ids"].numel()
     times, out = [], None
-    for i in range(args.steps + 1):
+    for i in range(steps + 1):
         t = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(**batch, use_cache=False)
         out.loss.backward()
         opt.step()
@@ -111,12 +106,36 @@ def main() -> None:
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
     flops = model_flops(model, batch, out)
-    print(f"config {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {args.rows} rows x "
-          f"{args.row_tokens} tokens ({batch['image_codes'].shape[0]} images, {out.n_text_tokens} text targets, "
-          f"{out.n_image_subcodes} sub-code targets), {'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} "
-          f"threads, {device}")
-    print(f"step {step * 1000:.0f} ms  |  {tokens / step:,.0f} tokens/s  |  {flops / step / 1e9:.1f} GFLOP/s model  "
-          f"|  {flops / step / 1e9 / args.peak_gflops:.1%} of {args.peak_gflops:g} GFLOP/s peak")
+    return dict(config=name, precision=precision, params=sum(p.numel() for p in model.parameters()),
+                batch=f"{rows} x {row_tokens}", step_ms=step * 1000, tokens_per_s=batch["input_ids"].numel() / step,
+                gflops=flops / step / 1e9, loss=out.loss.item())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", nargs="+", default=["medium", "tiny"])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=sorted(PEAKS))
+    ap.add_argument("--rows", type=int, help="rows per micro-batch (default: per config, see BATCHES)")
+    ap.add_argument("--row-tokens", type=int)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--peak-gflops", type=float, nargs=2, metavar=("FP32", "BF16"),
+                    help="matmul peaks to measure against (default: this CPU's 190 and 405; a GPU's datasheet)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peaks = dict(zip(("fp32", "bf16"), args.peak_gflops)) if args.peak_gflops else PEAKS
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{torch.get_num_threads()} threads, {device}; one step = forward + backward + AdamW on packed rows")
+    print(f"{'config':<8} {'params':>7} {'batch':>9} {'precision':>9} {'step ms':>8} {'tokens/s':>9} "
+          f"{'GFLOP/s':>8} {'of peak':>14} {'loss':>7}")
+    for name in args.config:
+        rows, row_tokens = BATCHES.get(name, (4, 512))
+        for precision in args.precision:
+            r = measure(name, precision, args.steps, device, args.rows or rows, args.row_tokens or row_tokens)
+            share = f"{r['gflops'] / peaks[precision]:.1%} of {peaks[precision]:g}"
+            print(f"{name:<8} {r['params'] / 1e6:6.1f}M {r['batch']:>9} {precision:>9} {r['step_ms']:8.0f} "
+                  f"{r['tokens_per_s']:9,.0f} {r['gflops']:8.1f} {share:>14} {r['loss']:7.3f}", flush=True)
 
 
 if __name__ == "__main__":

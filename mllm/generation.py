@@ -10,7 +10,11 @@ Image generation, per image position j (N positions, K sub-codes each):
    embedded exactly as in training (the reference embeds it alone — its spec §h.2 bug), and fed to the backbone.
 
 A greedy rollout therefore equals the argmax of the teacher-forced logits on its own output. The loop is split into
-small functions (:func:`prefill`, :func:`sample_position`, :func:`advance`) so that a server can batch requests.
+small functions (:func:`prefill`, :func:`sample_position`, :func:`advance`) so that a server can batch requests
+(its rows join and leave, so it keeps growing caches). :func:`generate_image_codes` runs a fixed batch through
+:class:`mllm.decoding.StaticImageDecoder` instead: preallocated buffers, fused projections, no host sync per position,
+and optionally ``torch.compile`` (``compile=True``; ``compile_mode="reduce-overhead"`` adds CUDA graphs on a GPU),
+with the same greedy output.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from tokenizer.projection import ProjectionCache
 
 from . import hf_compat as hf
 from .conversation import IMAGE_PLACEHOLDER
-from .modeling import DepthDecoder, UniTokMLLM
+from .decoding import DepthDecoder, StaticImageDecoder
+from .modeling import UniTokMLLM
 
 
 @dataclass
@@ -100,13 +105,15 @@ def prefill(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Te
 @torch.no_grad()
 def sample_position(model: UniTokMLLM, hidden: torch.Tensor, sampling: ImageSampling | list[ImageSampling],
                     generators: list[torch.Generator] | None = None,
-                    uncond_rows: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    uncond_rows: list[int | None] | None = None,
+                    decoder: StaticImageDecoder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The K sub-codes of one position from backbone states ``[R, hidden]``.
 
     Rows ``0..B-1`` are the B requests. With one ``sampling`` for all of them, rows ``B..2B-1`` are their
     unconditional rows when it is guided (R = 2B). A server's mixed batch gives one setting per request and
     ``uncond_rows[b]``, the row of request b's unconditional prompt (``None``: unguided). Returns the codes of all R
-    rows ``[R, K]`` (an unconditional row follows its request's choice) and the guided logits ``[B, K, V]``."""
+    rows ``[R, K]`` (an unconditional row follows its request's choice) and the guided logits ``[B, K, V]``.
+    ``decoder``: a static decoder of these rows, whose (compiled) depth step and buffers are used."""
     head, K = model.depth_head, model.config.num_codebooks
     if isinstance(sampling, ImageSampling):
         B = hidden.shape[0] // (2 if sampling.guided else 1)
@@ -122,15 +129,24 @@ def sample_position(model: UniTokMLLM, hidden: torch.Tensor, sampling: ImageSamp
     for b, s in enumerate(samplings):
         members_of.setdefault((s.cfg_scale, s.temperature, s.top_k, s.top_p), []).append(b)
     device = hidden.device
-    groups = [(samplings[m[0]], torch.tensor(m, device=device),
-               torch.tensor([uncond_rows[b] for b in m], device=device) if samplings[m[0]].guided else None,
+
+    def index(rows: list[int]) -> torch.Tensor:
+        # a contiguous run is made on the device (a copy from a host list would wait for the device on a GPU)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        return (torch.arange(rows[0], rows[0] + len(rows), device=device) if contiguous
+                else torch.tensor(rows, device=device))
+
+    groups = [(samplings[m[0]], index(m), index([uncond_rows[b] for b in m]) if samplings[m[0]].guided else None,
                None if generators is None else [generators[b] for b in m]) for m in members_of.values()]
-    decoder = DepthDecoder(head)
-    cache = decoder.new_cache(hidden.shape[0], hidden)
+    if decoder is None:
+        depth = DepthDecoder(head, hidden.shape[0], fuse=False)
+        step, cache = depth.step, depth.new_cache(hidden)
+    else:
+        step, cache = decoder.depth_step, decoder.depth_cache_reset()
     x = hidden
     codes, logits_per_book = [], []
     for k in range(K):
-        logits = head.linear_head(decoder.step(x, cache)).float()
+        logits = head.linear_head(step(x, cache)).float()
         code = torch.empty(hidden.shape[0], dtype=torch.long, device=device)
         guided_logits = torch.empty((B, logits.shape[-1]), dtype=logits.dtype, device=device)
         for s, rows, uncond, group_generators in groups:
@@ -165,20 +181,42 @@ def advance(model: UniTokMLLM, state: ImageGenerationState, codes: torch.Tensor)
 def generate_image_codes(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          sampling: ImageSampling, generators: list[torch.Generator] | None = None,
                          num_positions: int | None = None, keep_logits: bool = False,
-                         image_codes: torch.Tensor | None = None) -> ImageGenerationState:
+                         image_codes: torch.Tensor | None = None, compile: bool = False,
+                         compile_mode: str | None = None) -> ImageGenerationState:
     """Rollout from padded prompts (with guidance: B conditional rows then B unconditional rows).
-    ``state.codes`` stacked along positions gives ``[B, K, N]`` (see :func:`generate_images`)."""
+    ``state.codes`` stacked along positions gives ``[B, K, N]`` (see :func:`generate_images`). The positions run
+    through a static decoder (its buffers hold the caches: ``state.cache`` stays the prompt's); ``compile`` compiles
+    its steps, once per model, batch shape and prompt bucket."""
     N = num_positions or model.config.image_positions
     if sampling.guided and input_ids.shape[0] % 2:
         raise ValueError("with guidance the prompts must be B conditional rows followed by B unconditional rows")
     state = prefill(model, input_ids, attention_mask, image_codes)
+    decoder = StaticImageDecoder.for_model(model, input_ids.shape[0], input_ids.shape[1], N, compile, compile_mode)
+    decoder.start(state.cache, attention_mask, state.next_position)
     B = input_ids.shape[0] // (2 if sampling.guided else 1)
     for j in range(N):
-        codes, logits = sample_position(model, state.hidden, sampling, generators)
+        codes, logits = sample_position(model, state.hidden, sampling, generators, decoder=decoder)
         state.codes.append(codes[:B])
         if keep_logits:
             state.logits.append(logits)
         if j < N - 1:
+            state.hidden = decoder.advance(codes)
+    return state
+
+
+@torch.no_grad()
+def generate_image_codes_growing(model: UniTokMLLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 sampling: ImageSampling, generators: list[torch.Generator] | None = None,
+                                 image_codes: torch.Tensor | None = None) -> ImageGenerationState:
+    """The same rollout as :func:`generate_image_codes` with growing caches (transformers' ``DynamicCache``, the
+    projection's concatenating cache): the steps a server composes, and the loop the static decoder is measured and
+    tested against (``benchmarks/bench_mllm_generation.py``, ``tests/test_decoding.py``)."""
+    state = prefill(model, input_ids, attention_mask, image_codes)
+    B = input_ids.shape[0] // (2 if sampling.guided else 1)
+    for j in range(model.config.image_positions):
+        codes, _ = sample_position(model, state.hidden, sampling, generators)
+        state.codes.append(codes[:B])
+        if j < model.config.image_positions - 1:
             advance(model, state, codes)
     return state
 
@@ -218,7 +256,7 @@ def generate_images(model: UniTokMLLM, processor, prompts: list[str], sampling: 
 
 
 __all__ = ["TextSampling", "generate_text_ids", "generate_replies", "chat", "reply", "Reply", "ImageSampling", "filter_logits", "choose", "prefill", "sample_position", "advance",
-           "generate_image_codes", "generate_images", "left_pad"]
+           "generate_image_codes", "generate_image_codes_growing", "generate_images", "left_pad"]
 
 
 # ---------------------------------------------------------------------------- text

@@ -11,7 +11,8 @@ what                            depends on
                                 cache in a model output by this name, and passes it back under it.
 ``new_dynamic_cache``           ``DynamicCache(config=)``: per-layer cache types come from the config.
 ``concat_cache_rows``,          ``DynamicCache.layers[i].keys/values`` ``[B, heads, T, head_dim]`` (a server merges rows
-``drop_cache_columns``,         of different lengths, left-padded, and trims columns no row attends to);
+``drop_cache_columns``,         of different lengths, left-padded, and trims columns no row attends to; the static image
+``cache_tensors``,              decoder copies a prefilled prompt into its buffers);
 ``select_cache_rows``           ``Cache.batch_select_indices`` keeps rows.
 ``create_causal_mask``          ``masking_utils.create_causal_mask(config, inputs_embeds, attention_mask, <CACHE>,
                                 position_ids)`` (the depth head builds its own causal mask).
@@ -21,9 +22,10 @@ what                            depends on
                                 arrives as ``inputs_embeds`` on the first step only.
 ``set_attn_implementation``     the config's ``_attn_implementation`` (v5 property; read at every forward to pick the
                                 attention function from ``ALL_ATTENTION_FUNCTIONS``).
-Llama layers                    ``LlamaDecoderLayer`` attributes read by ``mllm.modeling.DepthDecoder``:
+Llama layers                    ``LlamaDecoderLayer`` attributes read by ``mllm.decoding.LayerStack``:
                                 ``self_attn.{q,k,v,o}_proj``, ``self_attn.head_dim``, ``self_attn.scaling``,
-                                ``input_layernorm``, ``post_attention_layernorm``, ``mlp``; ``apply_rotary_pos_emb(q, k,
+                                ``input_layernorm``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``,
+                                ``mlp.act_fn``; ``apply_rotary_pos_emb(q, k,
                                 cos, sin)``; ``LlamaRotaryEmbedding(x, position_ids)`` returning ``cos, sin`` of shape
                                 ``[1, T, head_dim]``; a decoder layer returning a tensor (not a tuple).
 ``LEGACY_ROPE_FIELDS``          v5 ``LlamaConfig`` keeps rope in ``rope_parameters`` but still converts the Llama-2
@@ -99,6 +101,11 @@ def drop_cache_columns(cache: DynamicCache, n: int) -> None:
     """Drop the first ``n`` sequence columns of every layer (columns masked out in every row)."""
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+
+
+def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys and values ``[B, heads, T, head_dim]`` (a static decoder copies a prefilled prompt)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def select_cache_rows(cache: Cache, index: torch.Tensor) -> None:

@@ -37,9 +37,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from . import hf_compat as hf
-from .hf_compat import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from .hf_compat import LlamaDecoderLayer, LlamaModel, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from tokenizer.projection import AttnProjection, PlainAttention, ProjectionCache
+from tokenizer.projection import AttnProjection, PlainAttention, ProjectionCache, StaticProjectionCache
 from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
 
 from .configuration import IGNORE_INDEX, UniTokMLLMConfig
@@ -61,21 +61,25 @@ class CodeEmbedder(nn.Module):
         self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
                                    if config.image_position_embedding else None)
 
-    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+    def lookup(self, codes: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Codes ``[M, K, N]`` -> ``[M, N, K·code_dim]``: each book's rows l2-normalised, books concatenated in order
-        (the quantiser's ``idx_to_f``, through the embedding modules so that ZeRO-3 gathers their weights)."""
-        self.quantizer.check_codes(codes)
+        (the quantiser's ``idx_to_f``, through the embedding modules so that ZeRO-3 gathers their weights).
+        ``check=False`` skips the range check (a host sync): for codes the model drew itself."""
+        if check:
+            self.quantizer.check_codes(codes)
         books = self.quantizer.codebooks
         return torch.cat([F.normalize(book.codebook(codes[:, i].long()).float(), dim=-1)
                           for i, book in enumerate(books)], dim=-1)
 
-    def forward(self, codes: torch.Tensor, cache: ProjectionCache | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, cache: ProjectionCache | StaticProjectionCache | None = None,
+                check: bool = True) -> torch.Tensor:
         """``cache`` makes positions fed one at a time (generation) embed exactly as a whole image (training)."""
-        start = cache.length if cache is not None else 0  # index of the first position in ``codes``
-        f = self.lookup(codes).to(self.mm_projector[1].weight.dtype)
+        # indices of the positions in ``codes`` (taken before the projection advances the cache)
+        index = torch.arange(codes.shape[2], device=codes.device) + (cache.length if cache is not None else 0)
+        f = self.lookup(codes, check).to(self.mm_projector[1].weight.dtype)
         x = self.mm_projector(self.attn_projection(f, cache))
         if self.position_embedding is not None:
-            x = x + self.position_embedding.weight[start:start + codes.shape[2]]
+            x = x + self.position_embedding(index)
         return x
 
 
@@ -114,56 +118,6 @@ class DepthHead(nn.Module):
         """Context states ``[R, hidden]`` and target codes ``[R, K]`` -> logits ``[R, K, V]`` (one batched pass)."""
         x = torch.cat((context[:, None], self.embed_codes(codes[:, :-1])), dim=1)
         return self.linear_head(self(x))
-
-
-@dataclass
-class DepthCache:
-    """Static KV buffers of one depth rollout: per layer ``[R, kv_heads, K, head_dim]``, plus RoPE for 0..K-1."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    cos: torch.Tensor
-    sin: torch.Tensor
-    length: int = 0
-
-
-class DepthDecoder:
-    """Single-token steps of the depth head for generation: the same computation as its Llama layers, without the
-    per-call mask/cache/rope bookkeeping that dominates small-batch decoding (K steps per image position).
-    ``tests/test_mllm.py`` checks it against :meth:`DepthHead.forward` (HF layers)."""
-
-    def __init__(self, head: DepthHead):
-        self.head = head
-
-    def new_cache(self, rows: int, like: torch.Tensor) -> DepthCache:
-        cfg, K = self.head.config, self.head.config.num_codebooks
-        shape = (rows, cfg.num_key_value_heads, K, cfg.head_dim)
-        n = len(self.head.layers)
-        cos, sin = self.head.rotary_emb(like, position_ids=torch.arange(K, device=like.device)[None])
-        return DepthCache([like.new_empty(shape) for _ in range(n)], [like.new_empty(shape) for _ in range(n)],
-                          cos[0], sin[0])
-
-    def step(self, x: torch.Tensor, cache: DepthCache) -> torch.Tensor:
-        """``x`` [R, hidden] at depth slot ``cache.length`` -> final-normed state [R, hidden]."""
-        t = cache.length
-        cos, sin = cache.cos[t:t + 1], cache.sin[t:t + 1]
-        R = x.shape[0]
-        x = x[:, None]
-        for i, layer in enumerate(self.head.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(R, 1, -1, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(R, 1, -1, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(R, 1, -1, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            cache.keys[i][:, :, t:t + 1] = k
-            cache.values[i][:, :, t:t + 1] = v
-            o = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :t + 1], cache.values[i][:, :, :t + 1],
-                                               scale=attn.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(R, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.length = t + 1
-        return self.head.norm(x)[:, 0]
 
 
 @dataclass

@@ -17,7 +17,7 @@ from mllm.convert import convert_released, rename_released_key, released_key
 from mllm.conversation import get_template
 from mllm.generation import (ImageSampling, TextSampling, chat, filter_logits, generate_image_codes,
                              generate_images, generate_text_ids, left_pad)
-from mllm.modeling import DepthDecoder
+from mllm.decoding import DepthDecoder
 from tokenizer import UniTok, UniTokConfig
 
 IMG = -200
@@ -146,8 +146,8 @@ def test_depth_decoder_steps_equal_the_transformers_layers(model):
     h = torch.randn(5, model.config.hidden_size)
     codes = torch.randint(0, model.config.codebook_size, (5, model.config.num_codebooks))
     full = model.depth_head.teacher_forced_logits(h, codes)
-    dec = DepthDecoder(model.depth_head)
-    cache = dec.new_cache(5, h)
+    dec = DepthDecoder(model.depth_head, 5)
+    cache = dec.new_cache(h)
     x = h
     for k in range(model.config.num_codebooks):
         step = model.depth_head.linear_head(dec.step(x, cache))

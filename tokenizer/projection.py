@@ -13,8 +13,9 @@ of the reference builds 8 heads and gets different codes from the same weights.
 
 ``causal`` attention was used by the February-2025 tokenizer checkpoint and by the MLLM's code embedder; the
 April-2025 tokenizer uses full attention. The keys are identical, so it is a config field, not a weight property.
-For causal use, ``forward`` accepts a :class:`ProjectionCache` so that positions fed one at a time (image
-generation) are embedded exactly as when the whole sequence is fed at once (training).
+For causal use, ``forward`` accepts a :class:`ProjectionCache` (growing) or a :class:`StaticProjectionCache`
+(preallocated, compilable) so that positions fed one at a time (image generation) are embedded exactly as when the
+whole sequence is fed at once (training).
 """
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ class ProjectionCache:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
+@dataclass
+class StaticProjectionCache:
+    """Preallocated keys and values ``[B, heads, N, head_dim]`` for positions fed one at a time, and ``position``,
+    the next one (0-d, advanced in place): fixed shapes and no host reads, so a compiled generation step traces once.
+    Unwritten slots are zeros (masked, but finite)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    position: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, heads: int, positions: int, head_dim: int, like: torch.Tensor) -> "StaticProjectionCache":
+        shape = (rows, heads, positions, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape), torch.zeros((), dtype=torch.long, device=like.device))
+
+    @property
+    def length(self) -> torch.Tensor:
+        return self.position
+
+
 class PlainAttention(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_heads: int, causal: bool = False):
         super().__init__()
@@ -58,12 +79,21 @@ class PlainAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))
         self.proj = nn.Linear(out_dim, out_dim)
 
-    def forward(self, x: torch.Tensor, cache: ProjectionCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: ProjectionCache | StaticProjectionCache | None = None) -> torch.Tensor:
         B, N, _ = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         past = 0
+        if isinstance(cache, StaticProjectionCache):
+            if not self.causal or N != 1:
+                raise ValueError("a static projection cache takes one position at a time, causal attention only")
+            cache.k.index_copy_(2, cache.position.view(1), k)
+            cache.v.index_copy_(2, cache.position.view(1), v)
+            seen = (torch.arange(cache.k.shape[2], device=x.device) <= cache.position)[None]
+            x = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=seen)
+            cache.position.add_(1)
+            return self._merge_heads(x, B, N)
         if cache is not None:
             if not self.causal:
                 raise ValueError("a projection cache only makes sense for causal attention")
@@ -77,6 +107,9 @@ class PlainAttention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and past == 0 and N > 1)
+        return self._merge_heads(x, B, N)
+
+    def _merge_heads(self, x: torch.Tensor, B: int, N: int) -> torch.Tensor:
         if self.in_dim > self.out_dim:
             x = x.mean(dim=1)
             if self.head_dim != self.out_dim:
@@ -103,6 +136,6 @@ class AttnProjection(nn.Module):
     def causal(self) -> bool:
         return self.attn.causal
 
-    def forward(self, x: torch.Tensor, cache: ProjectionCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: ProjectionCache | StaticProjectionCache | None = None) -> torch.Tensor:
         x = self.proj(self.norm3(x)) + self.attn(self.norm1(x), cache)
         return x + self.mlp(self.norm2(x))
