@@ -200,7 +200,7 @@ def test_folder_captions_and_bad_record_limit(tmp_path, capsys):
                             "train.batch_size=8"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "too many unreadable records: 2 of 9 (22.2%) exceed data.max_bad_fraction=0.1" in err
+    assert "too many bad records in the data: 2 of 9 (22.2%) exceed data.max_bad_fraction=0.1" in err
     assert "no caption" in err
 
 

@@ -34,6 +34,8 @@ import torch
 
 from mllm.processing import MLLMProcessor
 from train.common.datasources import BadRecord, BadRecordStats, reason_class
+from train.common.record_stream import (BadRecordPolicy, check_world_size, rank_epoch_order, rank_stream,
+                                        record_rng)
 
 from .collate import MLLMCollator, encode_pending_images
 from .config import MLLMDataConfig
@@ -131,28 +133,15 @@ class _Plan:
         cached = self._orders.get(s)
         if cached is None or cached[0] != epoch:
             src = self.sources[s]
-            n = len(src)
-            order = np.random.default_rng([self.seed, s, epoch, 0x5EED]).permutation(n) if src.cfg.shuffle \
-                else np.arange(n)
-            per_rank = n // self.world_size  # equal counts keep the ranks' epochs in step
-            if per_rank == 0:
-                raise ValueError(f"data.sources[{src.name}] has {n} records, fewer than the {self.world_size} "
-                                 "processes")
-            self._orders[s] = cached = (epoch, order[self.rank::self.world_size][:per_rank])
+            seed = [self.seed, s, epoch, 0x5EED] if src.cfg.shuffle else None
+            order = rank_epoch_order(len(src), self.rank, self.world_size, seed, f"data.sources[{src.name}]")
+            self._orders[s] = cached = (epoch, order)
         return cached[1]
 
     def stream(self, s: int, epoch: int, offset: int) -> Iterator[dict]:
         src = self.sources[s]
-        ds = src.dataset
-        if src.cfg.shuffle:
-            ds = ds.shuffle(seed=self.seed + 7919 * s, buffer_size=src.cfg.shuffle_buffer)
-            ds.set_epoch(epoch)
-        if self.world_size > 1:
-            from datasets.distributed import split_dataset_by_node
-
-            ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
-        # skip by reading: on a shuffled stream .skip() would change the order
-        return itertools.islice(_flatten(ds.iter(batch_size=256)), offset, None)
+        return rank_stream(src.dataset, self.rank, self.world_size,
+                           self.seed + 7919 * s if src.cfg.shuffle else None, src.cfg.shuffle_buffer, epoch, offset)
 
     def walk(self, sample: int, positions: list[list[int]], want) -> Iterator[tuple]:
         """``want(i)``: whether the caller builds sample i (map-style rows are only read then)."""
@@ -185,15 +174,8 @@ class _Plan:
             yield i, s, epoch, pos, row
 
 
-def _flatten(chunks: Iterator[dict[str, list]]) -> Iterator[dict[str, Any]]:
-    for chunk in chunks:
-        n = len(next(iter(chunk.values())))
-        for i in range(n):
-            yield {k: v[i] for k, v in chunk.items()}
-
-
-def record_rng(seed: int, rank: int, source: int, epoch: int, pos: int) -> np.random.Generator:
-    return np.random.default_rng([seed, rank, source, epoch, pos, 0xDA7A])
+def record_rng_of(seed: int, rank: int, source: int, epoch: int, pos: int) -> np.random.Generator:
+    return record_rng(seed, rank, source, epoch, pos, 0xDA7A)
 
 
 class _SampleStream(torch.utils.data.IterableDataset):
@@ -216,7 +198,7 @@ class _SampleStream(torch.utils.data.IterableDataset):
                 continue
             item: dict[str, Any] = {"i": i, "s": s, "epoch": epoch, "pos": pos}
             source = self.plan.sources[s]
-            rng = record_rng(self.plan.seed, self.plan.rank, s, epoch, pos)
+            rng = record_rng_of(self.plan.seed, self.plan.rank, s, epoch, pos)
             try:
                 record = source.reader(row, rng)
                 item["samples"] = self.builders[s].build(record, rng)
@@ -258,6 +240,8 @@ class MLLMDataLoader:
         self.builders = [SampleBuilder(processor, s.cfg, cfg, image_size, cfg.max_tokens) for s in self.sources]
         self.collator = MLLMCollator.from_processor(processor, cfg.batching, cfg.max_tokens, cfg.pad_to_multiple_of)
         self.stats = DataStats([s.name for s in self.sources])
+        self.policy = BadRecordPolicy(cfg.max_bad_fraction, cfg.bad_check_min_records, cfg.log_bad_records,
+                                      group_reason)
         self.sample = 0  # plan index of the next sample
         self.positions = [[0, 0] for _ in self.sources]  # per source: epoch, offset of the next record
         self.chunk = 0  # samples (text chunks) of record ``sample`` already used
@@ -275,9 +259,7 @@ class MLLMDataLoader:
                 "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("world_size") != self.world_size:
-            raise ValueError(f"the checkpoint's data position is for {state.get('world_size')} processes, this run "
-                             f"has {self.world_size}; resume with the same number of processes")
+        check_world_size(state, self.world_size)
         names = [s.name for s in self.sources]
         if state.get("sources") != names or state.get("seed") != self.cfg.seed:
             raise ValueError(f"the checkpoint's data mixture (sources {state.get('sources')}, seed "
@@ -341,35 +323,15 @@ class MLLMDataLoader:
             self.positions[item["s"]] = [item["epoch"], item["pos"] + 1]
 
     def _count(self, item: dict) -> None:
-        s = item["s"]
-        name = self.sources[s].name
-        st = self.stats.sources[name]
-        st.seen += 1
-        if "reason" in item:
-            st.bad += 1
-            st.reasons[group_reason(item["reason"])] += 1
-            if self.stats.bad <= self.cfg.log_bad_records:
-                logger.warning("skipping record %s of source %s (epoch %d, #%d): %s", item["id"], name,
-                               item["epoch"], item["pos"], item["reason"])
-                if self.stats.bad == self.cfg.log_bad_records:
-                    logger.warning("further skipped records are only counted (data.log_bad_records=%d)",
-                                   self.cfg.log_bad_records)
-        else:
-            self.stats.good[name] += 1
-        self._check(s)
-
-    def _check(self, s: int) -> None:
-        src, cfg = self.sources[s], self.cfg
+        src = self.sources[item["s"]]
         st = self.stats.sources[src.name]
-        if st.bad and st.seen >= cfg.bad_check_min_records and st.bad > cfg.max_bad_fraction * st.seen:
-            raise ValueError(
-                f"too many bad records in data source {src.name!r}: {st.bad} of {st.seen} "
-                f"({st.bad / st.seen:.1%}) exceed data.max_bad_fraction={cfg.max_bad_fraction:g}; reasons: "
-                + "; ".join(f"{n}x {r}" for r, n in st.reasons.most_common())
-                + ". Fix or filter the dataset, or raise data.max_bad_fraction.")
+        self.policy.count(st, item.get("reason"),
+                          f"{item.get('id')} of source {src.name} (epoch {item['epoch']}, #{item['pos']})",
+                          f"data source {src.name!r}")
+        if "reason" not in item:
+            self.stats.good[src.name] += 1
         if not src.streaming and self.stats.good[src.name] == 0 and st.seen >= len(src) // self.world_size:
-            raise ValueError(f"no usable record in a whole epoch of data source {src.name!r} "
-                             f"({st.summary(5)})")
+            raise ValueError(f"no usable record in a whole epoch of data source {src.name!r} ({st.summary(5)})")
 
     def __iter__(self) -> Iterator[dict]:
         if self.cfg.batching == "pad":
@@ -428,4 +390,4 @@ def build_loader(cfg: MLLMDataConfig, processor: MLLMProcessor, rank: int = 0, w
     return MLLMDataLoader(cfg, processor, rank, world_size, image_tokenizer)
 
 
-__all__ = ["MLLMDataLoader", "DataStats", "build_loader", "mixture_weights", "record_rng"]
+__all__ = ["MLLMDataLoader", "DataStats", "build_loader", "mixture_weights", "record_rng_of"]

@@ -22,7 +22,7 @@ after a batch resumes with exactly the next batch.
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -37,6 +37,8 @@ from train.common.datasources import (ERROR_KEY, IMAGE_EXTENSIONS, IMAGE_KEYS, T
                                       BadRecord, BadRecordStats, detect_format, expand_paths, folder_table, keep_image_bytes,
                                       load_image, load_table, path_of as _path_of, pick_caption as _caption,
                                       pick_key as _pick_key, reason_class as _reason_class, table_columns)
+
+from train.common.record_stream import BadRecordPolicy, check_world_size, rank_epoch_order, rank_stream, record_rng
 
 from .config import DataConfig
 
@@ -218,10 +220,6 @@ class RecordDecoder:
         return {"ok": True, "image": image, "text": text, "id": ident}
 
 
-def record_rng(seed: int, epoch: int, rank: int, position: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, rank, position])
-
-
 # ================================================================================================ per-epoch readers
 class _IndexedEpoch(torch.utils.data.Dataset):
     """Map-style: item j = record ``order[j]`` of this rank's epoch permutation, decoded."""
@@ -247,12 +245,13 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
     """Streaming: records ``offset, offset+1, ...`` of this rank's stream.
 
     Every DataLoader worker reads the same stream and decodes every W-th record; the DataLoader returns worker outputs
-    round-robin, which restores stream order whatever the number of workers. ``IterableDataset.iter`` is used rather
-    than ``__iter__`` because the latter re-shards by worker inside a DataLoader, which would change the order.
+    round-robin, which restores stream order whatever the number of workers (``rank_stream`` reads with
+    ``IterableDataset.iter``: ``__iter__`` would re-shard by worker inside a DataLoader and change the order).
     """
 
-    def __init__(self, stream: Any, decoder: RecordDecoder, offset: int, seed: int, epoch: int, rank: int) -> None:
-        self.stream = stream
+    def __init__(self, records: "functools.partial", decoder: RecordDecoder, offset: int, seed: int,
+                 epoch: int, rank: int) -> None:
+        self.records = records  # () -> this rank's records from ``offset`` on (``record_stream.rank_stream``)
         self.decoder = decoder
         self.offset = offset
         self.seed, self.epoch, self.rank = seed, epoch, rank
@@ -260,21 +259,12 @@ class _StreamEpoch(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        # Skip by reading, not with IterableDataset.skip: on a shuffled stream .skip() changes the shuffle order.
-        records = itertools.islice(_flatten(self.stream.iter(batch_size=256)), self.offset, None)
-        for j, record in enumerate(records):
+        for j, record in enumerate(self.records()):
             if j % nw == w:  # assignment relative to the offset keeps the round-robin order exact after resume
                 pos = self.offset + j
                 out = self.decoder(record, record_rng(self.seed, self.epoch, self.rank, pos))
                 out["pos"] = pos
                 yield out
-
-
-def _flatten(chunks: Iterator[dict[str, list]]) -> Iterator[dict[str, Any]]:
-    for chunk in chunks:
-        n = len(next(iter(chunk.values())))
-        for i in range(n):
-            yield {k: v[i] for k, v in chunk.items()}
 
 
 # ================================================================================================ the stream
@@ -294,6 +284,8 @@ class ImageTextStream:
         self.epoch = 0
         self.offset = 0          # index (within this rank's epoch) of the next record to read
         self.stats = BadRecordStats()
+        self.policy = BadRecordPolicy(cfg.max_bad_fraction, cfg.bad_check_min_records, cfg.log_bad_records,
+                                      _reason_class)
         if not source.streaming and len(source) < world_size:
             raise ValueError(f"the dataset has {len(source)} records, fewer than the {world_size} processes")
 
@@ -303,19 +295,14 @@ class ImageTextStream:
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["world_size"] != self.world_size:
-            # The per-rank split (and so the position) depends on the world size.
-            raise ValueError(f"the checkpoint's data position is for {state['world_size']} processes, "
-                             f"this run has {self.world_size}; resume with the same number of processes")
+        check_world_size(state, self.world_size)
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self.stats.load_state_dict(state["stats"])
 
     # ---------------------------------------------------------------- epochs
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        n = len(self.source)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.cfg.shuffle else np.arange(n))
-        per_rank = n // self.world_size  # equal counts keep the ranks' epochs in step
-        return order[self.rank::self.world_size][:per_rank]
+        seed = [self.seed, epoch] if self.cfg.shuffle else None
+        return rank_epoch_order(len(self.source), self.rank, self.world_size, seed)
 
     def _epoch_loader(self, epoch: int, offset: int) -> torch.utils.data.DataLoader:
         # A private generator: creating the loader must not consume the global torch RNG, or a resumed run (which
@@ -324,15 +311,11 @@ class ImageTextStream:
         common = dict(batch_size=None, num_workers=self.cfg.num_workers, generator=gen,
                       prefetch_factor=8 if self.cfg.num_workers else None)
         if self.source.streaming:
-            stream = self.source.dataset
-            if self.cfg.shuffle:
-                stream = stream.shuffle(seed=self.seed, buffer_size=self.cfg.shuffle_buffer)
-                stream.set_epoch(epoch)
-            if self.world_size > 1:
-                from datasets.distributed import split_dataset_by_node
-
-                stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
-            ds = _StreamEpoch(stream, self.decoder, offset, self.seed, epoch, self.rank)
+            # built in each worker (a partial pickles, an open iterator would not)
+            records = functools.partial(rank_stream, self.source.dataset, self.rank, self.world_size,
+                                        self.seed if self.cfg.shuffle else None, self.cfg.shuffle_buffer, epoch,
+                                        offset)
+            ds = _StreamEpoch(records, self.decoder, offset, self.seed, epoch, self.rank)
             return torch.utils.data.DataLoader(ds, **common)
         ds = _IndexedEpoch(self.source, self.decoder, self._epoch_order(epoch), self.seed, epoch, self.rank)
         return torch.utils.data.DataLoader(ds, sampler=range(offset, len(ds)), **common)
@@ -345,10 +328,8 @@ class ImageTextStream:
             good_this_epoch, full_epoch = 0, self.offset == 0
             for item in self._epoch_loader(self.epoch, self.offset):
                 self.offset = item["pos"] + 1
-                self.stats.seen += 1
-                if not item["ok"]:
-                    self._record_bad(item)
-                self._check_bad_fraction()
+                self.policy.count(self.stats, None if item["ok"] else item["reason"],
+                                  f"{item.get('id')} (epoch {self.epoch}, #{item['pos']})")
                 if not item["ok"]:
                     continue
                 good_this_epoch += 1
@@ -362,26 +343,6 @@ class ImageTextStream:
                 raise ValueError(f"no readable record in a whole epoch of the data ({self.stats.summary()})")
             self.epoch += 1
             self.offset = 0
-
-    def _record_bad(self, item: dict[str, Any]) -> None:
-        s = self.stats
-        s.bad += 1
-        s.reasons[_reason_class(item["reason"])] += 1
-        if s.bad <= self.cfg.log_bad_records:
-            logger.warning("skipping record %s (epoch %d, #%d): %s", item["id"], self.epoch, item["pos"], item["reason"])
-            if s.bad == self.cfg.log_bad_records:
-                logger.warning("further skipped records are only counted (data.log_bad_records=%d)",
-                               self.cfg.log_bad_records)
-
-    def _check_bad_fraction(self) -> None:
-        s = self.stats
-        if s.bad and s.seen >= self.cfg.bad_check_min_records and s.bad > self.cfg.max_bad_fraction * s.seen:
-            raise ValueError(
-                f"too many unreadable records: {s.bad} of {s.seen} ({s.bad / s.seen:.1%}) exceed "
-                f"data.max_bad_fraction={self.cfg.max_bad_fraction:g}; most common reasons: "
-                + "; ".join(f"{n}x {r}" for r, n in s.reasons.most_common(3))
-                + ". Fix or filter the dataset, or raise data.max_bad_fraction.")
-
 
 def build_stream(cfg: DataConfig, image_size: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, source: Source | None = None) -> ImageTextStream:
