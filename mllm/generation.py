@@ -255,8 +255,9 @@ def generate_images(model: UniTokMLLM, processor, prompts: list[str], sampling: 
     return torch.stack(state.codes, dim=2)
 
 
-__all__ = ["TextSampling", "generate_text_ids", "generate_replies", "chat", "reply", "Reply", "ImageSampling", "filter_logits", "choose", "prefill", "sample_position", "advance",
-           "generate_image_codes", "generate_image_codes_growing", "generate_images", "left_pad"]
+__all__ = ["TextSampling", "generate_text_ids", "generate_replies", "chat", "reply", "Reply", "ImageSampling",
+           "filter_logits", "choose", "prefill", "sample_position", "advance", "generate_image_codes",
+           "generate_image_codes_growing", "generate_images", "left_pad"]
 
 
 # ---------------------------------------------------------------------------- text

@@ -25,9 +25,10 @@ what                            depends on
 Llama layers                    ``LlamaDecoderLayer`` attributes read by ``mllm.decoding.LayerStack``:
                                 ``self_attn.{q,k,v,o}_proj``, ``self_attn.head_dim``, ``self_attn.scaling``,
                                 ``input_layernorm``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``,
-                                ``mlp.act_fn``; ``apply_rotary_pos_emb(q, k,
-                                cos, sin)``; ``LlamaRotaryEmbedding(x, position_ids)`` returning ``cos, sin`` of shape
-                                ``[1, T, head_dim]``; a decoder layer returning a tensor (not a tuple).
+                                ``mlp.act_fn``; ``apply_rotary_pos_emb(q, k, cos, sin)``;
+                                ``LlamaRotaryEmbedding(x, position_ids)`` returning ``cos, sin`` of shape
+                                ``[B, T, head_dim]`` for ``position_ids`` ``[B, T]``; a decoder layer returning a
+                                tensor (not a tuple).
 ``LEGACY_ROPE_FIELDS``          v5 ``LlamaConfig`` keeps rope in ``rope_parameters`` but still converts the Llama-2
                                 ``config.json`` fields ``rope_theta`` / ``rope_scaling`` (read by ``mllm.convert``).
 packed batches                  ``FlashAttentionKwargs`` names ``cu_seq_lens_q/k``, ``max_length_q/k`` (passed through
