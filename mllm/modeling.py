@@ -60,6 +60,10 @@ class CodeEmbedder(nn.Module):
         # optional (config.image_position_embedding): which of the N positions an embedding belongs to
         self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
                                    if config.image_position_embedding else None)
+        # optional (config.image_embedding_rms): image embeddings at the text embeddings' scale
+        self.output_norm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+                            if config.image_embedding_rms is not None else None)
+        self.image_embedding_rms = config.image_embedding_rms
 
     def lookup(self, codes: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Codes ``[M, K, N]`` -> ``[M, N, K·code_dim]``: each book's rows l2-normalised, books concatenated in order
@@ -78,6 +82,8 @@ class CodeEmbedder(nn.Module):
         index = torch.arange(codes.shape[2], device=codes.device) + (cache.length if cache is not None else 0)
         f = self.lookup(codes, check).to(self.mm_projector[1].weight.dtype)
         x = self.mm_projector(self.attn_projection(f, cache))
+        if self.output_norm is not None:  # a fixed factor: the learnable weight starts at 1, as every norm's
+            x = self.output_norm(x) * self.image_embedding_rms
         if self.position_embedding is not None:
             x = x + self.position_embedding(index)
         return x

@@ -87,6 +87,26 @@ class _Identity(torch.nn.Module):
         return y
 
 
+@pytest.mark.slow
+def test_demo_mllm_stages_can_use_bf16_autocast(tmp_path, monkeypatch):
+    """The demo runs every stage in one process: an MLLM recipe with its own precision (bf16 autocast, as
+    README's demo section measures) must not collide with the fp32 state the tokenizer stage left in accelerate."""
+    from train.mllm.config import MLLMTrainConfig
+
+    load = MLLMTrainConfig.load.__func__
+    seen = []
+
+    def load_bf16(cls, path, overrides=None):
+        cfg = load(cls, path, [*(overrides or []), "train.mixed_precision=bf16"])
+        seen.append(cfg.train.mixed_precision)
+        return cfg
+
+    monkeypatch.setattr(MLLMTrainConfig, "load", classmethod(load_bf16))
+    assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(tmp_path / "demo")]) == 0
+    assert "bf16" in seen
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["vqa"]["n"] > 0
+
+
 def test_tokenizer_psnr_matches_the_definition():
     scenes = W.generate_split("test", 2, seed=0)
     x = torch.from_numpy(W.render_array(scenes[0], 64)).float() / 255

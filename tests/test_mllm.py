@@ -185,6 +185,20 @@ def test_image_position_embedding_adds_one_row_per_slot(model, positioned_model)
     assert torch.allclose(emb(codes)[0], without[0] + emb.position_embedding.weight, atol=1e-6)
 
 
+def test_image_embedding_rms_puts_image_embeddings_at_the_text_scale(model):
+    """Off in the release (no extra tensor); on, each image embedding has RMS ``image_embedding_rms`` at init (the
+    release's reach norm ~10 against ~0.2 for text embeddings) and the norm's weight is saved and loaded."""
+    assert model.code_embedder.output_norm is None
+    assert not any("output_norm" in k for k in model.state_dict())
+    torch.manual_seed(0)
+    scaled = UniTokMLLM(small_config(image_embedding_rms=0.02))
+    codes = torch.randint(0, scaled.config.codebook_size, (2, scaled.config.num_codebooks, scaled.config.image_positions))
+    rms = scaled.code_embedder(codes).pow(2).mean(-1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 0.02), rtol=0.05), rms  # (up to the norm's eps)
+    assert model.code_embedder(codes).pow(2).mean(-1).sqrt().min() > 0.1  # the release's scale, for contrast
+    assert "code_embedder.output_norm.weight" in scaled.state_dict()
+
+
 def _teacher_forced_guided_argmax(model, ids, mask, codes, scale):
     """Re-run the prompts followed by the generated image as one training-style forward and take the argmax of
     the guided teacher-forced sub-code logits."""
