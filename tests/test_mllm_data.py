@@ -459,11 +459,13 @@ def test_long_text_documents_are_chunked_and_resume_mid_document(tmp_path, proce
 
 
 # ================================================================================================ bad data files
-def test_a_malformed_caption_line_is_a_counted_bad_record(tmp_path, processor):
-    """datasets' JSON reader fails the whole file on one bad line; the loader parses it line by line instead."""
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_malformed_caption_line_is_a_counted_bad_record(tmp_path, processor, streaming):
+    """datasets' JSON reader fails the whole file on one bad line (when streaming: on first read, mid-run); the
+    loader parses it line by line instead."""
     lines = [json.dumps({"text": f"cap {i}", "codes": _codes(i)}) for i in range(3)]
     _jsonl(tmp_path / "c.jsonl", [lines[0], '{"text": "cut off', lines[1], "[1, 2]", lines[2]])
-    src = SourceConfig("caps", "t2i", [str(tmp_path / "c.jsonl")], shuffle=False)
+    src = SourceConfig("caps", "t2i", [str(tmp_path / "c.jsonl")], shuffle=False, streaming=streaming)
     loader = _loader(tmp_path, [src], processor, cfg_dropout=0.0)
     samples = _take(loader, 3)
     assert [processor.decode(s.input_ids) for s in samples] == [processor.decode(

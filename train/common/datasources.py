@@ -96,10 +96,13 @@ def load_table(paths: list[str], fmt: str, streaming: bool = False, cache_dir: s
         for p in paths:
             if not _has_a_line(p):  # datasets raises a bare StopIteration on an empty file
                 raise ValueError(f"{option}: {p} holds no records (the file is empty)")
-            try:
-                ds = datasets.load_dataset("json", data_files=[p], **load_kw)
-            except datasets.exceptions.DatasetGenerationError:  # a malformed line: parse line by line instead
+            if streaming:  # datasets' reader would fail on a malformed line only when it reaches it, mid-run
                 ds = _jsonl_lines_table(p, streaming, cache_dir)
+            else:
+                try:
+                    ds = datasets.load_dataset("json", data_files=[p], **load_kw)
+                except datasets.exceptions.DatasetGenerationError:  # a malformed line: parse line by line instead
+                    ds = _jsonl_lines_table(p, streaming, cache_dir)
             root = str(Path(p).resolve().parent)
             ds = ds.map(lambda ex, root=root: {ROOT_KEY: root}) if streaming else \
                 ds.add_column(ROOT_KEY, [root] * len(ds))
@@ -162,8 +165,9 @@ def _jsonl_rows(path: str, keys: tuple[str, ...], stamp: str):  # noqa: ARG001 (
 
 
 def _jsonl_lines_table(path: str, streaming: bool, cache_dir: str | None) -> Any:
-    """A JSONL file with malformed lines -> a table whose bad lines are rows with ``ERROR_KEY`` set (counted as bad
-    records by the readers, like the LLaVA loader's), instead of datasets' error for the whole file."""
+    """A JSONL file read line by line -> a table whose malformed lines are rows with ``ERROR_KEY`` set (counted as
+    bad records by the readers, like the LLaVA loader's), instead of datasets' error for the whole file. One pass
+    collects the columns; streaming then parses lines as they are read."""
     import datasets
 
     keys: dict[str, None] = {}
@@ -174,7 +178,8 @@ def _jsonl_lines_table(path: str, streaming: bool, cache_dir: str | None) -> Any
                 keys.update(dict.fromkeys(item))
             else:
                 bad += 1
-    logger.warning("%s: %d malformed line(s); they are skipped and counted as bad records", path, bad)
+    if bad:
+        logger.warning("%s: %d malformed line(s); they are skipped and counted as bad records", path, bad)
     stamp = f"{os.path.getsize(path)}:{os.path.getmtime(path)}"  # the Arrow cache key follows the file
     kwargs = {"gen_kwargs": {"path": path, "keys": tuple(keys), "stamp": stamp}}  # a list would be split in shards
     if streaming:
