@@ -15,6 +15,7 @@ A greedy rollout equals the dynamic-cache loop of :mod:`mllm.generation` (``test
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -176,11 +177,12 @@ class StaticImageDecoder:
     @classmethod
     def for_model(cls, model, rows: int, prompt_length: int, positions: int, compile: bool = False,
                   compile_mode: str | None = None) -> "StaticImageDecoder":
-        """The decoder of this model and shape, built on first use and kept while it is among the ``KEEP`` most
-        recently used. Prompt lengths are rounded up to a multiple of 64 so that a compiled step serves every
+        """The decoder of this model, shape and thread, built on first use and kept while it is among the ``KEEP``
+        most recently used. Prompt lengths are rounded up to a multiple of 64 so that a compiled step serves every
         prompt of a bucket (the extra columns are masked)."""
         capacity = -(-prompt_length // 64) * 64
-        key = (rows, capacity, positions, compile, compile_mode, model.dtype)
+        # per thread: two threads generating with one model must not share buffers
+        key = (rows, capacity, positions, compile, compile_mode, model.dtype, threading.get_ident())
         per_model = cls._built.setdefault(model, {})
         decoder = per_model.pop(key, None) or cls(model, rows, capacity, positions, compile, compile_mode)
         per_model[key] = decoder  # (re)inserted last: dicts keep insertion order

@@ -112,6 +112,27 @@ def test_one_decoder_per_shape_reused_and_refreshed_after_training(models):
     assert torch.equal(after, codes_of(generate_image_codes_growing(model, *short, sampling)))
 
 
+def test_threads_generating_with_one_model_do_not_share_buffers(models):
+    import threading
+
+    model = models["plain"]
+    sampling = ImageSampling(cfg_scale=3.0, temperature=0)
+    jobs = [prompts(True), left_pad([[1, 50, 51, 3], [1, 52, 3], [1, 30, 3], [1, 30, 3]], 0)]  # one shape, two prompts
+    alone = [codes_of(generate_image_codes(model, *job, sampling)) for job in jobs]
+    together, start = [None, None], threading.Barrier(2)
+
+    def run(i):
+        start.wait()
+        together[i] = codes_of(generate_image_codes(model, *jobs[i], sampling))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
 def test_decoders_do_not_keep_their_model_alive():
     model = UniTokMLLM(small_config()).eval()
     generate_image_codes(model, *left_pad([[1, 9, 3]], 0), ImageSampling(cfg_scale=1.0, temperature=0))
