@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllm.generation import ImageSampling, TextSampling, generate_images, generate_text_ids, left_pad
+from mllm.generation import ImageSampling, TextSampling, generate_images, generate_replies
 
 from . import world as W
 from .geneval import score_image, summarize
@@ -72,11 +72,8 @@ def answer(model, processor, codes: torch.Tensor, questions: list[str], batch_si
     out = []
     for i in range(0, len(questions), batch_size):
         rows = [processor.chat_prompt(vqa_messages(q)) for q in questions[i:i + batch_size]]
-        ids, mask = left_pad(rows, processor.pad_token_id)
-        new = generate_text_ids(model, ids.to(model.device), codes[i:i + batch_size].to(model.device),
-                                TextSampling(max_new_tokens=max_new_tokens), eos_token_id=processor.eos_token_id,
-                                pad_token_id=processor.pad_token_id, attention_mask=mask.to(model.device))
-        out += [processor.decode(r) for r in new]
+        out += generate_replies(model, processor, rows, codes[i:i + batch_size].to(model.device),
+                                TextSampling(max_new_tokens=max_new_tokens))
     return out
 
 
