@@ -218,12 +218,7 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
     cfg = MLLMTrainConfig.load(REPO / "configs" / "recipes" / recipe, overrides)
     cfg = replace(cfg, data=replace(cfg.data, sources=[
         replace(s, paths=[str(data_dir / Path(p).name) for p in s.paths]) for s in cfg.data.sources]))
-    from accelerate.state import AcceleratorState
-
-    # each stage is a run of its own, with its own precision; accelerate keeps one state per process, which the
-    # first stage (the tokenizer, fp32) would otherwise fix for the MLLM stages
-    AcceleratorState._reset_state()
-    train(cfg)
+    train(cfg)  # a run of its own, with its own precision (the trainers reset accelerate's per-process state)
     shutil.move(str(out / "run" / "final"), str(out / "model"))
 
 

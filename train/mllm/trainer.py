@@ -147,6 +147,7 @@ def build_accelerator(cfg: MLLMTrainConfig):
     import os
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # the model runs every trainable submodule on every step (weight-0 passes for parts a batch lacks), so DDP needs
@@ -162,6 +163,9 @@ def build_accelerator(cfg: MLLMTrainConfig):
 
             # the shared-memory all-reduce op (inference only) costs a 30 s JIT build on CPU: skip it
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    # a run of its own: accelerate keeps one state per process, which an earlier run in this process (the demo's
+    # fp32 tokenizer stage, a test) would otherwise have fixed, precision included
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.grad_accum,
                        deepspeed_plugin=plugin, kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 

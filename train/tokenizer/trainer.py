@@ -124,12 +124,14 @@ def reconstruction_losses(images: torch.Tensor, rec: torch.Tensor) -> dict[str, 
 
 def build_accelerator(cfg: TokenizerTrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     mp = cfg.train.mixed_precision
     if mp == "auto":
         # bf16 autocast on GPUs; fp32 on CPU (CPU bf16 autocast works but changes numerics for no speed at toy size).
         mp = "bf16" if torch.cuda.is_available() else "no"
+    AcceleratorState._reset_state()  # a run of its own (see train.mllm.trainer.build_accelerator)
     return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(
                            # loss.clip = 0 leaves the text tower and the CLIP head without gradients
