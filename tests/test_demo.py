@@ -90,7 +90,8 @@ class _Identity(torch.nn.Module):
 @pytest.mark.slow
 def test_demo_mllm_stages_can_use_bf16_autocast(tmp_path, monkeypatch):
     """The demo runs every stage in one process: an MLLM recipe with its own precision (bf16 autocast, as
-    README's demo section measures) must not collide with the fp32 state the tokenizer stage left in accelerate."""
+    README's demo section measures) must not collide with the fp32 state the tokenizer stage left in accelerate,
+    nor a later fp32 run with the bf16 state."""
     from train.mllm.config import MLLMTrainConfig
 
     load = MLLMTrainConfig.load.__func__
@@ -105,6 +106,8 @@ def test_demo_mllm_stages_can_use_bf16_autocast(tmp_path, monkeypatch):
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(tmp_path / "demo")]) == 0
     assert "bf16" in seen
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["vqa"]["n"] > 0
+    monkeypatch.undo()  # and a later fp32 run in this process (its tokenizer stage first) is not held to bf16
+    assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(tmp_path / "again")]) == 0
 
 
 def test_tokenizer_psnr_matches_the_definition():
