@@ -83,13 +83,14 @@ BATCHES = {"medium": (4, 512), "tiny": (16, 256)}
 PEAKS = {"fp32": 190.0, "bf16": 405.0}  # GFLOP/s of this 2-core CPU's matmul (notes/env_feasibility.md §5)
 
 
-def measure(name: str, precision: str, steps: int, device: str, rows: int, row_tokens: int) -> dict:
-    overrides = {"num_key_value_heads": 4} if name == "tiny" else {}  # the demo's tiny model
-    cfg = UniTokMLLMConfig.from_preset(name, **overrides)
-    hf.set_attn_implementation(cfg, "sdpa")
+def measure(cfg: UniTokMLLMConfig, precision: str, steps: int, device: str, rows: int, row_tokens: int) -> dict:
+    """Median step time of a random-weight model of ``cfg`` (its attention implementation as set) on ``device``."""
     torch.manual_seed(0)
-    model = UniTokMLLM(cfg).to(device).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with torch.device(device):  # built on the device: a ~1B host init takes minutes
+        model = UniTokMLLM(cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device == "cuda")
     batch = packed_batch(cfg, rows, row_tokens)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     times, out = [], None
@@ -106,9 +107,9 @@ def measure(name: str, precision: str, steps: int, device: str, rows: int, row_t
             times.append(time.perf_counter() - t)
     step = statistics.median(times)
     flops = model_flops(model, batch, out)
-    return dict(config=name, precision=precision, params=sum(p.numel() for p in model.parameters()),
-                batch=f"{rows} x {row_tokens}", step_ms=step * 1000, tokens_per_s=batch["input_ids"].numel() / step,
-                gflops=flops / step / 1e9, loss=out.loss.item())
+    return dict(precision=precision, params=sum(p.numel() for p in model.parameters()), batch=f"{rows} x {row_tokens}",
+                step_ms=step * 1000, tokens_per_s=batch["input_ids"].numel() / step, gflops=flops / step / 1e9,
+                loss=out.loss.item())
 
 
 def main() -> None:
@@ -131,8 +132,11 @@ def main() -> None:
           f"{'GFLOP/s':>8} {'of peak':>14} {'loss':>7}")
     for name in args.config:
         rows, row_tokens = BATCHES.get(name, (4, 512))
+        overrides = {"num_key_value_heads": 4} if name == "tiny" else {}  # the demo's tiny model
+        cfg = UniTokMLLMConfig.from_preset(name, **overrides)
+        hf.set_attn_implementation(cfg, "sdpa")
         for precision in args.precision:
-            r = measure(name, precision, args.steps, device, args.rows or rows, args.row_tokens or row_tokens)
+            r = measure(cfg, precision, args.steps, device, args.rows or rows, args.row_tokens or row_tokens)
             share = f"{r['gflops'] / peaks[precision]:.1%} of {peaks[precision]:g}"
             print(f"{name:<8} {r['params'] / 1e6:6.1f}M {r['batch']:>9} {precision:>9} {r['step_ms']:8.0f} "
                   f"{r['tokens_per_s']:9,.0f} {r['gflops']:8.1f} {share:>14} {r['loss']:7.3f}", flush=True)

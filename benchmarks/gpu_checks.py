@@ -33,7 +33,7 @@ import mllm.generation as gen  # noqa: E402
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig  # noqa: E402
 from mllm import hf_compat as hf  # noqa: E402
 
-from bench_mllm_train import model_flops, packed_batch  # noqa: E402
+from bench_mllm_train import measure  # noqa: E402
 
 SHAPES = {
     # generation model, training backbone, training rows x tokens, generation batches
@@ -154,35 +154,13 @@ def training_step(shape: dict, device: str, results: dict, peak_tflops: float) -
                  max_position_embeddings=4096)
     attn = attention_for_training() if device == "cuda" else "sdpa"
     hf.set_attn_implementation(cfg, attn)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = UniTokMLLM(cfg)
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device == "cuda")
-    batch = {k: v.to(device) if torch.is_tensor(v) else v
-             for k, v in packed_batch(cfg, shape["rows"], shape["row_tokens"]).items()}
-    times, out = [], None
-    for i in range(4):
-        sync(device)
-        t = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            out = model(**batch, use_cache=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t)
-    step = sorted(times)[len(times) // 2]
-    flops = model_flops(model, batch, out)
-    tokens = batch["input_ids"].numel()
-    params = sum(p.numel() for p in model.parameters()) / 1e9
-    row = dict(attention=attn, params_b=params, tokens=tokens, step_s=step, tokens_per_s=tokens / step,
-               tflops=flops / step / 1e12, mfu=flops / step / 1e12 / peak_tflops)
+    r = measure(cfg, "bf16", 3, device, shape["rows"], shape["row_tokens"])
+    row = dict(attention=attn, params_b=r["params"] / 1e9, tokens_per_s=r["tokens_per_s"], step_s=r["step_ms"] / 1000,
+               tflops=r["gflops"] / 1000, mfu=r["gflops"] / 1000 / peak_tflops)
     results["training"] = row
-    print(f"training    {params:.2f}B params, {attn}, {shape['rows']} packed rows x {shape['row_tokens']}: "
-          f"{step * 1000:.0f} ms/step  {tokens / step:,.0f} tokens/s  {row['tflops']:.1f} TFLOP/s  "
-          f"MFU {row['mfu']:.1%} of {peak_tflops:g}", flush=True)
+    print(f"training    {row['params_b']:.2f}B params, {attn}, {r['batch']} packed tokens: {r['step_ms']:.0f} ms/step  "
+          f"{r['tokens_per_s']:,.0f} tokens/s  {row['tflops']:.1f} TFLOP/s  MFU {row['mfu']:.1%} of {peak_tflops:g}",
+          flush=True)
 
 
 def packing_under_flash_attention(device: str, results: dict) -> None:

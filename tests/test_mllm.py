@@ -187,7 +187,7 @@ def test_image_position_embedding_adds_one_row_per_slot(model, positioned_model)
 
 def test_image_embedding_rms_puts_image_embeddings_at_the_text_scale(model):
     """Off in the release (no extra tensor); on, each image embedding has RMS ``image_embedding_rms`` at init (the
-    release's reach norm ~10 against ~0.2 for text embeddings) and the norm's weight is saved and loaded."""
+    release's embeddings reach norm ~10 against ~0.2 for text embeddings) and the norm's weight is in the state."""
     assert model.code_embedder.output_norm is None
     assert not any("output_norm" in k for k in model.state_dict())
     torch.manual_seed(0)
