@@ -56,30 +56,35 @@ class LayerStack:
 
     def __init__(self, layers: nn.ModuleList, norm: nn.Module, rotary_emb: nn.Module, rows: int, fuse: bool = True):
         self.layers, self.norm, self.rotary_emb, self.rows = layers, norm, rotary_emb, rows
+        # fused weights are copies: worth building once per decoder (and refreshing in place), not per call;
+        # whether fusing is exact depends on the kernels, not on the weights' values, so it is checked here once
         self.qkv: list = [None] * len(layers)
         self.gate_up: list = [None] * len(layers)
-        self.fuse = fuse  # fused weights are copies: worth building once per decoder, not per call
         if fuse:
-            self.refresh()
+            p = next(layers.parameters())
+            x = torch.randn(rows, 1, p.shape[-1], generator=torch.Generator().manual_seed(0)).to(p)
+            with torch.no_grad():
+                self.qkv = [_fused(x, self._qkv_of(l)) for l in layers]
+                self.gate_up = [_fused(x, self._gate_up_of(l)) for l in layers]
+
+    @staticmethod
+    def _qkv_of(layer) -> list[nn.Linear]:
+        return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+
+    @staticmethod
+    def _gate_up_of(layer) -> list[nn.Linear]:
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """(Re)build the fused projections from the layers' current weights, in place where they already exist,
-        so that a compiled step keeps reading the same tensors."""
-        if not self.fuse:
-            return
-        p = next(self.layers.parameters())
-        x = torch.randn(self.rows, 1, p.shape[-1], generator=torch.Generator().manual_seed(0)).to(p)
-        qkv = [_fused(x, [l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
-        gate_up = [_fused(x, [l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
-        pairs = list(zip(self.qkv + self.gate_up, qkv + gate_up))
-        if any((old is None) != (new is None) for old, new in pairs):
-            self.qkv, self.gate_up = qkv, gate_up
-            return
-        for old, new in pairs:
-            for o, n in zip(old or (), new or ()):
-                if o is not None:
-                    o.copy_(n)
+        """Copy the layers' current weights into the fused projections, in place, so that a compiled step keeps
+        reading the same tensors (the weights may have been trained since the stack was built)."""
+        for fused, linears in zip(self.qkv + self.gate_up, [self._qkv_of(l) for l in self.layers]
+                                  + [self._gate_up_of(l) for l in self.layers]):
+            if fused is not None:
+                torch.cat([lin.weight for lin in linears], out=fused[0])
+                if fused[1] is not None:
+                    torch.cat([lin.bias for lin in linears], out=fused[1])
 
     def new_kv(self, length: int, like: torch.Tensor) -> StaticKV:
         attn = self.layers[0].self_attn

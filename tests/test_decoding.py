@@ -101,15 +101,17 @@ def test_one_decoder_per_shape_reused_and_refreshed_after_training(models):
         assert torch.equal(codes_of(generate_image_codes(model, ids, mask, sampling)),
                            codes_of(generate_image_codes_growing(model, ids, mask, sampling)))
     assert len(StaticImageDecoder._built[model]) == 1
-    for rows in ([[1, 9, 3]], [[1, 9, 3]] * 3):  # two more shapes: only the KEEP most recent stay allocated
-        generate_image_codes(model, *left_pad(rows, 0), sampling)
-    assert len(StaticImageDecoder._built[model]) == StaticImageDecoder.KEEP == 2
+    decoder = next(iter(StaticImageDecoder._built[model].values()))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(-1.5)
             layer.mlp.up_proj.weight.mul_(0.5)
     after = codes_of(generate_image_codes(model, *short, sampling))
+    assert next(iter(StaticImageDecoder._built[model].values())) is decoder  # the same decoder, refreshed
     assert torch.equal(after, codes_of(generate_image_codes_growing(model, *short, sampling)))
+    for rows in ([[1, 9, 3]], [[1, 9, 3]] * 3):  # two more shapes: only the KEEP most recent stay allocated
+        generate_image_codes(model, *left_pad(rows, 0), sampling)
+    assert len(StaticImageDecoder._built[model]) == StaticImageDecoder.KEEP == 2
 
 
 def test_threads_generating_with_one_model_do_not_share_buffers(models):
