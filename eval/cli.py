@@ -10,6 +10,10 @@ BENCHMARKS = {"shapes": ("eval.shapes.evaluate", "tokenizer PSNR, VQA accuracy a
                                          "LLaVA-1.5 protocol, then score it or write its submission file"),
               "shapes-export": ("eval.shapes.export", "the shapes world's test scenes in POPE, GQA, VQAv2 and MME "
                                                       "file layouts (for `eval vqa` end to end)"),
+              "geneval": ("eval.geneval_generate", "GenEval's prompts -> images in GenEval's folder layout (CFG, "
+                                                   "temperature, top-k/p and seeds recorded; resumable)"),
+              "geneval-score": ("eval.geneval", "GenEval's rules on a folder of samples, with the transformers "
+                                                "Mask2Former + CLIP detector or the shapes world's"),
               "score": ("eval.scorers", "official scoring of answer files: pope, mme, gqa, vqav2, textvqa, geneval")}
 
 

@@ -9,12 +9,27 @@ so that the same answers give the numbers the LLaVA / UniTok papers print (``../
 * GQA (testdev-balanced, the ``eval.py`` LLaVA uses): exact string match after ``rstrip('.').lower()`` of the answer.
 * VQAv2 / TextVQA: :mod:`eval.vqa_metric` (the official normalisation, unanimity rule and leave-one-out mean).
 * GenEval (``summary_scores.py``): per-task mean of ``correct``, overall = the unweighted mean of the six tasks.
+
+``protocol="lmms-eval"`` (``--protocol lmms-eval``) scores the same answers the way lmms-eval >= 0.6's tasks do
+(``lmms_eval/tasks/{pope,mme,gqa,vqav2,textvqa}/utils.py`` and the default ``exact_match``; every reply is
+``strip()``-ed first, as lmms-eval's ``Task.process_results`` does):
+
+* POPE: ``pred.lower().strip()`` must equal yes/no exactly (``"Yes."`` is neither, so it counts in no cell of
+  precision or recall); precision / recall are 0 when undefined; **yes_ratio is the ground truth's**;
+* MME: ``.`` deleted, single ``y``/``n`` accepted, then the ``[:4]`` parse; answers paired by image, not line order;
+* GQA: exact match after lower-casing and deleting ``string.punctuation`` on both sides (no ``rstrip('.')``);
+* VQAv2: punctuation and digit/article steps on both sides always, no unanimity rule, mean of the leave-one-out
+  values (``eval.vqa_metric`` ``lmms_eval_0.7``); TextVQA: the m4c rule with ``statistics.mean``.
+
+Figures are reported in percent in both protocols (lmms-eval prints fractions). The prompt differences (lmms-eval's
+TextVQA has no OCR tokens) are the runner's, not the scorer's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import string
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -22,6 +37,12 @@ POPE_CATEGORIES = ("adversarial", "popular", "random")
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+PROTOCOLS = ("llava", "lmms-eval")
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
 
 
 # ------------------------------------------------------------------------------------------------ POPE
@@ -33,11 +54,14 @@ def pope_answer(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
-def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+def pope_scores(answers: Sequence[str], labels: Sequence[str], protocol: str = "llava") -> dict[str, Any]:
     """TP/FP/TN/FN (positive = yes), accuracy, precision, recall, F1 and yes-ratio of one category."""
+    _check_protocol(protocol)
     if len(answers) != len(labels):
         raise ValueError(f"POPE pairs answers and labels by position: {len(answers)} answers, {len(labels)} labels "
                          "(LLaVA's 2910-question random split needs the AoiDragon/POPE e3e3926 label file)")
+    if protocol == "lmms-eval":
+        return _pope_lmms_eval(answers, labels)
     pred = [0 if pope_answer(a) == "no" else 1 for a in answers]
     gold = [0 if lab == "no" else 1 for lab in labels]
     tp = sum(p == 1 and g == 1 for p, g in zip(pred, gold))
@@ -53,8 +77,27 @@ def pope_scores(answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]
             "recall": recall, "f1": f1, "yes_ratio": sum(pred) / len(pred), "n": len(pred)}
 
 
+def _pope_lmms_eval(answers: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """lmms-eval ``pope_process_results`` + its aggregations."""
+    pred = [a.strip().lower().strip() for a in answers]
+    gold = [lab.lower().strip() for lab in labels]
+    bad = sorted({g for g in gold if g not in ("yes", "no")})
+    if bad:
+        raise ValueError(f"POPE (lmms-eval): labels must be yes or no, got {bad[0]!r}")
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g == "no" for p, g in zip(pred, gold))
+    tn = sum(p == "no" and g == "no" for p, g in zip(pred, gold))
+    fn = sum(p == "no" and g == "yes" for p, g in zip(pred, gold))
+    precision = tp / (tp + fp) if tp + fp else 0
+    recall = tp / (tp + fn) if tp + fn else 0
+    f1 = 2 * (precision * recall) / (precision + recall) if precision + recall else 0
+    return {"TP": tp, "FP": fp, "TN": tn, "FN": fn, "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(pred),
+            "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": gold.count("yes") / len(gold), "n": len(pred)}
+
+
 def score_pope(results: Sequence[Mapping], questions: Sequence[Mapping], annotation_dir: str | Path,
-               first_only: bool = False) -> dict:
+               first_only: bool = False, protocol: str = "llava") -> dict:
     """``results``: answer lines ``{question_id, text}``; ``questions``: LLaVA's question file (``question_id``,
     ``category``); ``annotation_dir``: the ``coco_pope_<category>.json`` label files. ``first_only``: the answers
     cover only the first questions of each category (a ``--limit`` run), paired with as many first labels."""
@@ -66,7 +109,7 @@ def score_pope(results: Sequence[Mapping], questions: Sequence[Mapping], annotat
         answers = [r["text"] for r in results if category_of.get(r["question_id"]) == cat]
         if first_only:
             labels = labels[:len(answers)]
-        per[cat] = pope_scores(answers, labels)
+        per[cat] = pope_scores(answers, labels, protocol)
     if not per:
         raise ValueError("POPE: no result line has a question_id of the question file")
     f1s = [v["f1"] for v in per.values()]
@@ -83,9 +126,23 @@ def mme_answer(pred: str) -> str:
     return "yes" if "yes" in head else "no" if "no" in head else "other"
 
 
-def score_mme_task(lines: Sequence[str], name: str = "task") -> dict[str, float]:
+def mme_answer_lmms_eval(pred: str) -> str:
+    """lmms-eval's ``parse_pred_ans`` (from Otter): ``.`` deleted, ``y``/``n`` accepted, then the ``[:4]`` parse."""
+    pred = pred.lower().strip().replace(".", "")
+    if pred in ("yes", "no"):
+        return pred
+    if len(pred) == 1:
+        return {"y": "yes", "n": "no"}.get(pred, "other")
+    head = pred[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def score_mme_task(lines: Sequence[str], name: str = "task", protocol: str = "llava") -> dict[str, float]:
     """One ``<task>.txt``: acc over questions, acc+ over images (both answers right), score = 100·(acc + acc+)."""
+    _check_protocol(protocol)
     rows = [line.split("\t") for line in lines if line.strip()]
+    if protocol == "lmms-eval":
+        return _mme_task_lmms_eval(rows, name)
     if len(rows) % 2:
         raise ValueError(f"MME {name}: {len(rows)} lines; the official script pairs 2 lines per image")
     right = []
@@ -100,9 +157,32 @@ def score_mme_task(lines: Sequence[str], name: str = "task") -> dict[str, float]
             "n": len(right)}
 
 
-def score_mme(results_dir: str | Path) -> dict[str, Any]:
+def _mme_task_lmms_eval(rows: list[list[str]], name: str) -> dict[str, float]:
+    """lmms-eval ``mme_process_results`` + ``mme_aggregate_results`` for one task: answers grouped by image (the
+    question_id), exactly 2 per image; score = mean over images of (100·acc + 100·acc+)."""
+    by_image: dict[str, list[float]] = {}
+    for row in rows:
+        if len(row) < 4:
+            raise ValueError(f"MME {name}: a line has {len(row)} tab fields, expected image, question, gt, answer")
+        gt = row[2].lower().strip().replace(".", "")
+        if gt not in ("yes", "no"):
+            raise ValueError(f"MME {name}: ground truth {row[2]!r} is not yes or no")
+        by_image.setdefault(row[0], []).append(1.0 if mme_answer_lmms_eval(row[-1].strip()) == gt else 0.0)
+    odd = [img for img, v in by_image.items() if len(v) != 2]
+    if odd:
+        raise ValueError(f"MME {name}: image {odd[0]} has {len(by_image[odd[0]])} answers; MME pairs 2 per image")
+    acc = [sum(v) / len(v) * 100.0 for v in by_image.values()]
+    plus = [(sum(v) == 2) * 100.0 for v in by_image.values()]
+    score = 0.0
+    for a, p in zip(acc, plus):
+        score += p + a
+    return {"acc": sum(acc) / len(acc), "acc_plus": sum(plus) / len(plus), "score": score / len(by_image),
+            "n": 2 * len(by_image)}
+
+
+def score_mme(results_dir: str | Path, protocol: str = "llava") -> dict[str, Any]:
     root = Path(results_dir)
-    tasks = {p.stem: score_mme_task(p.read_text().splitlines(keepends=True), p.stem)
+    tasks = {p.stem: score_mme_task(p.read_text().splitlines(keepends=True), p.stem, protocol)
              for p in sorted(root.glob("*.txt"))}
     if not tasks:
         raise ValueError(f"MME: no <task>.txt files in {root}")
@@ -115,10 +195,22 @@ def score_mme(results_dir: str | Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ GQA
-def score_gqa(predictions: Sequence[Mapping], questions: Mapping[str, Mapping]) -> dict[str, Any]:
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def score_gqa(predictions: Sequence[Mapping], questions: Mapping[str, Mapping], protocol: str = "llava"
+              ) -> dict[str, Any]:
     """``predictions``: ``[{questionId, prediction}]``; ``questions``: the official ``{id: {answer, isBalanced,
-    types: {structural}}}``. Exact match on balanced questions; binary / open (structural "query") splits."""
-    pred = {str(p["questionId"]): str(p["prediction"]).rstrip(".").lower() for p in predictions}
+    types: {structural}}}``. Exact match on balanced questions; binary / open (structural "query") splits.
+    ``lmms-eval``: the raw reply, stripped, and the answer are lower-cased and lose ``string.punctuation``."""
+    _check_protocol(protocol)
+    if protocol == "lmms-eval":
+        pred = {str(p["questionId"]): str(p["prediction"]).strip().lower().translate(_NO_PUNCTUATION)
+                for p in predictions}
+        questions = {k: {**q, "answer": str(q["answer"]).lower().translate(_NO_PUNCTUATION)}
+                     for k, q in questions.items()}
+    else:
+        pred = {str(p["questionId"]): str(p["prediction"]).rstrip(".").lower() for p in predictions}
     right: dict[str, list[bool]] = {"all": [], "binary": [], "open": []}
     missing = 0
     for qid, q in questions.items():
@@ -153,7 +245,8 @@ def textvqa_question(prompt: str) -> str:
     return question.lower()
 
 
-def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping]) -> dict[str, Any]:
+def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping], protocol: str = "llava"
+                  ) -> dict[str, Any]:
     """The m4c evaluator's mean per-question accuracy (x100).
 
     LLaVA answer lines (``{question_id, prompt, text}``) are matched as LLaVA's ``eval_textvqa.py`` does: by
@@ -162,6 +255,8 @@ def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping]) ->
     by question id and must cover every annotated question."""
     from .vqa_metric import textvqa_accuracy
 
+    _check_protocol(protocol)
+    rule = "llava" if protocol == "llava" else "lmms_eval"
     if results and "prompt" in results[0] and "text" in results[0]:
         by_key = {(a["image_id"], a["question"].lower()): a for a in annotations}
         accs = []
@@ -169,17 +264,22 @@ def score_textvqa(results: Sequence[Mapping], annotations: Sequence[Mapping]) ->
             key = (r["question_id"], textvqa_question(r["prompt"]))
             if key not in by_key:
                 raise ValueError(f"TextVQA: no annotation for image {key[0]!r} and question {key[1]!r}")
-            accs.append(textvqa_accuracy(r["text"], by_key[key]["answers"]))
+            accs.append(textvqa_accuracy(_reply(r["text"], protocol), by_key[key]["answers"], rule))
         return {"overall": 100 * sum(accs) / len(accs), "n": len(accs)}
     pred = {r["question_id"]: r["answer"] for r in results}
     missing = [a["question_id"] for a in annotations if a["question_id"] not in pred]
     if missing:
         raise ValueError(f"TextVQA: {len(missing)} annotated questions have no answer (e.g. {missing[0]})")
-    accs = [textvqa_accuracy(pred[a["question_id"]], a["answers"]) for a in annotations]
+    accs = [textvqa_accuracy(_reply(pred[a["question_id"]], protocol), a["answers"], rule) for a in annotations]
     return {"overall": 100 * sum(accs) / len(accs), "n": len(accs)}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _reply(text: str, protocol: str) -> str:
+    """lmms-eval strips every reply before scoring it; LLaVA's files hold replies already stripped."""
+    return text.strip() if protocol == "lmms-eval" else text
+
+
 def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
     """The records of a JSONL file; a missing file or a bad line is an error naming it."""
     if not Path(path).is_file():
@@ -230,8 +330,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="official questions JSON ({'questions': [...]}): score only the questions it lists")
     s = sub.add_parser("geneval", help="GenEval per-task and overall scores of a results.jsonl (summary_scores.py)")
     s.add_argument("results", help="results.jsonl written by GenEval's evaluate_images.py (or ours)")
-    for s in sub.choices.values():
+    for name, s in sub.choices.items():
         s.add_argument("--out", default=None, help="also write the figures as JSON here")
+        if name != "geneval":
+            s.add_argument("--protocol", choices=PROTOCOLS, default="llava",
+                           help="llava: the LLaVA / UniTok scripts (the papers' numbers); lmms-eval: lmms-eval "
+                                ">= 0.6's task rules on the same answers")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,24 +343,27 @@ def run(args: argparse.Namespace) -> int:
     from .vqa_metric import evaluate_vqa
 
     if args.scorer == "pope":
-        out = score_pope(read_jsonl(args.result_file), read_jsonl(args.question_file), args.annotation_dir)
+        out = score_pope(read_jsonl(args.result_file), read_jsonl(args.question_file), args.annotation_dir,
+                         protocol=args.protocol)
         for cat, v in out["per_category"].items():
             print(f"{cat:<12} TP {v['TP']} FP {v['FP']} TN {v['TN']} FN {v['FN']}  acc {v['accuracy']:.3f}  "
                   f"precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1']:.3f}  "
                   f"yes {v['yes_ratio']:.3f}")
         print(f"POPE mean F1 {out['f1']:.1f}   (mean accuracy {out['accuracy']:.1f})")
     elif args.scorer == "mme":
-        out = score_mme(args.results_dir)
+        out = score_mme(args.results_dir, args.protocol)
         for t, v in out["tasks"].items():
             print(f"{t:<24} score {v['score']:.2f}  (acc {v['acc']:.2f}, acc+ {v['acc_plus']:.2f})")
         print(f"MME perception {out['perception']:.2f}   cognition {out['cognition']:.2f}"
               + (f"   (missing tasks: {', '.join(out['missing'])})" if out["missing"] else ""))
     elif args.scorer == "gqa":
         questions = _read_json_or_jsonl(args.questions)
+        # convert_gqa_for_eval.py's rstrip('.').lower(); lmms-eval scores the raw reply
+        convert = (lambda t: t) if args.protocol == "lmms-eval" else (lambda t: t.rstrip(".").lower())
         predictions = (_read_json_or_jsonl(args.predictions) if args.predictions else
-                       [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()}
+                       [{"questionId": r["question_id"], "prediction": convert(r["text"])}
                         for r in _as_records(read_jsonl(args.answers, "answers file"))])
-        out = score_gqa(predictions, questions)
+        out = score_gqa(predictions, questions, args.protocol)
         print(f"GQA accuracy {out['all']:.2f}  (binary {out['binary']:.2f}, open {out['open']:.2f}, n={out['n']})")
     elif args.scorer in ("vqav2", "textvqa"):
         ann = _read_json_or_jsonl(args.annotations)
@@ -271,11 +378,15 @@ def run(args: argparse.Namespace) -> int:
                 results = [{"question_id": r["question_id"], "answer": r["text"]} for r in results]
         else:
             results = _as_records(_read_json_or_jsonl(args.result_file))
-        if args.scorer == "vqav2":  # LLaVA's submission pipeline: EvalAI answer processor, then vqaEval.py
+        if args.scorer == "vqav2" and args.protocol == "lmms-eval":  # vqav2_val: the mean of per-question values
+            res = evaluate_vqa(ann, [{**r, "answer": r["answer"].strip()} for r in results], "lmms_eval_0.7")
+            out = {k: v for k, v in res.items() if k not in ("acc", "evalQA")}
+            out["overall"] = 100 * sum(res["acc"].values()) / len(res["acc"])
+        elif args.scorer == "vqav2":  # LLaVA's submission pipeline: EvalAI answer processor, then vqaEval.py
             res = evaluate_vqa(ann, results, "llava")
             out = {k: v for k, v in res.items() if k not in ("acc", "evalQA")}
         else:
-            out = score_textvqa(results, ann)
+            out = score_textvqa(results, ann, args.protocol)
         print(f"{args.scorer} accuracy {out['overall']:.2f}")
     else:
         out = summarize(read_jsonl(args.results))
@@ -283,7 +394,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{t:<16} {v:.5f}")
         print(f"GenEval overall {out['overall']:.5f}  (images {out['n_images']}, prompts {out['n_prompts']})")
     if args.out:
-        Path(args.out).write_text(json.dumps(official_keys(args.scorer, out), indent=1, default=str) + "\n")
+        figures = official_keys(args.scorer, out)
+        if args.scorer != "geneval":
+            figures["protocol"] = args.protocol
+        Path(args.out).write_text(json.dumps(figures, indent=1, default=str) + "\n")
     return 0
 
 

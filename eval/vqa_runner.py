@@ -76,9 +76,10 @@ RUN_OUTPUTS = ("run.json", "answers", "results.json", "results.md", "testdev_bal
                "answers_upload", "mme")
 
 
-def claim_run(out: Path, run: dict, overwrite: bool, writer: bool) -> None:
-    """A rerun of the same run resumes; answers of another model, tokenizer, benchmark, question file or decoding
-    length in ``out`` are never mixed in: that is an error, or with ``--overwrite`` they are deleted first."""
+def claim_run(out: Path, run: dict, overwrite: bool, writer: bool, outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """A rerun of the same run (``run.json`` equal to ``run``) resumes; the outputs (glob patterns) of another run
+    (another model, tokenizer, benchmark, question file, decoding length, sampling) in ``out`` are never mixed in:
+    that is an error, or with ``--overwrite`` they are deleted first."""
     from tokenizer.checkpoint import claim_output
 
     marker = out / "run.json"
@@ -87,9 +88,9 @@ def claim_run(out: Path, run: dict, overwrite: bool, writer: bool) -> None:
     if marker.is_file() and not overwrite:
         theirs = json.loads(marker.read_text())
         differ = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in run.items() if theirs.get(k) != v)
-        raise FileExistsError(f"{out} holds the answers of another run: {differ}; pass --overwrite to replace them, "
+        raise FileExistsError(f"{out} holds the outputs of another run: {differ}; pass --overwrite to replace them, "
                               f"or choose another --out")
-    claim_output(out, overwrite, RUN_OUTPUTS, remove=writer)
+    claim_output(out, overwrite, outputs, remove=writer)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_suffix(".tmp")

@@ -105,7 +105,7 @@ def test_answers_of_another_run_are_never_mixed_in(pair, tmp_path, capsys):
     before = (tmp_path / "out" / "answers" / "merge.jsonl").read_text()
     assert unitok_cli.main(args) == 2
     err = capsys.readouterr().err
-    assert "holds the answers of another run: max_new_tokens 128 (now 5)" in err and "--overwrite" in err
+    assert "holds the outputs of another run: max_new_tokens 128 (now 5)" in err and "--overwrite" in err
     assert (tmp_path / "out" / "answers" / "merge.jsonl").read_text() == before  # nothing touched
     assert unitok_cli.main(args + ["--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["generated_this_run"] == 3
@@ -266,3 +266,40 @@ def test_shapes_exports_score_as_the_shapes_world_does(pair, tmp_path):
         right = [mme_answer(r["text"].lower()) == scene_truth[(task, r["question_id"].split("/")[1][:-4],
                                                                r["prompt"].split(" Answer the")[0])] for r in mine]
         assert abs(scores["acc"] - 100 * sum(right) / len(right)) < 1e-9
+
+
+def test_shapes_geneval_export_through_the_runners(pair, tmp_path, capsys):
+    """GenEval end to end on files: the exported metadata -> ``eval geneval`` -> ``eval geneval-score --detector
+    shapes`` gives the images and verdicts ``unitok eval shapes`` (evaluate_generation) gives; half the samples
+    replaced by renders of what their prompt asks are then scored correct, so the figure is neither 0 nor 1."""
+    from eval.geneval import summarize
+    from eval.shapes import export
+    from eval.shapes import world as W
+    from eval.shapes.evaluate import evaluate_generation, test_scenes
+    from mllm.cli import load_mllm, load_unitok
+    from mllm.generation import ImageSampling
+
+    prompts = W.geneval_prompts(1)
+    assert export.export(tmp_path / "x", test_scenes(2), prompts)["geneval"] == len(prompts)
+    gen = tmp_path / "gen"
+    assert unitok_cli.main(["eval", "geneval", "--model", str(pair / "mllm"), "--tokenizer", str(pair / "unitok"),
+                            "--metadata", str(tmp_path / "x" / "geneval" / "evaluation_metadata.jsonl"),
+                            "--out", str(gen), "--cfg", "3", "--images-per-prompt", "2", "--batch-size", "16"]) == 0
+    model, processor = load_mllm(str(pair / "mllm"), "cpu")
+    unitok = load_unitok(str(pair / "unitok"), model, model.device)
+    direct = evaluate_generation(model, processor, unitok, prompts, 2, ImageSampling(cfg_scale=3.0, temperature=1.0),
+                                 seed=0, out_dir=tmp_path / "direct")
+    pngs = sorted(p.relative_to(gen) for p in gen.rglob("*.png"))
+    assert len(pngs) == 2 * len(prompts)
+    assert all((gen / p).read_bytes() == (tmp_path / "direct" / p).read_bytes() for p in pngs)
+    assert unitok_cli.main(["eval", "geneval-score", str(gen), "--detector", "shapes"]) == 0
+    rows = [json.loads(line) for line in (gen / "results.jsonl").read_text().splitlines()]
+    assert [(r["correct"], r["reason"]) for r in rows] == [(r["correct"], r["reason"]) for r in direct["results"]]
+    rng = np.random.default_rng(0)
+    for i, m in enumerate(prompts):
+        W.render(W.scene_for_prompt(m, rng)).save(gen / f"{i:05d}" / "samples" / "0000.png")
+    assert unitok_cli.main(["eval", "geneval-score", str(gen), "--detector", "shapes"]) == 0
+    rows = [json.loads(line) for line in (gen / "results.jsonl").read_text().splitlines()]
+    assert all(r["correct"] for r in rows if r["filename"].endswith("0000.png"))
+    summary = json.loads((gen / "results_summary.json").read_text())
+    assert summary["overall"] == summarize(rows)["overall"] and 0 < summary["overall"] < 1

@@ -125,7 +125,7 @@ def test_gqa_and_vqav2_take_llava_answer_files(tmp_path):
                             str(tmp_path / "ann.json"), "--questions", str(tmp_path / "qs.json"), "--out",
                             str(tmp_path / "vqa.json")]) == 0
     written = json.loads((tmp_path / "vqa.json").read_text())
-    assert written["overall"] == 50.0 and set(written) == {"overall", "perAnswerType", "perQuestionType"}
+    assert written["overall"] == 50.0 and set(written) == {"overall", "perAnswerType", "perQuestionType", "protocol"}
 
 
 def test_gqa_is_exact_match_on_balanced_questions():

@@ -29,8 +29,7 @@ from scipy import ndimage
 from .world import COLOR_NAMES, COLORS, SHAPES, shape_mask
 
 __all__ = ["Detection", "DetectorConfig", "DEFAULT_DETECTOR", "to_array", "estimate_background", "alpha_maps",
-           "classify_pixels", "detect",
-           "detections_by_class"]
+           "classify_pixels", "detect"]
 
 _PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.int32)  # (K, 3)
 _PALETTE_F = _PALETTE.astype(np.float64)
@@ -311,15 +310,4 @@ def detect(image: Any, config: DetectorConfig = DEFAULT_DETECTOR) -> list[Detect
             centroid=(float(xx.mean() + xs.start + 0.5) * sx, float(yy.mean() + ys.start + 0.5) * sy),
             area=int(round(area * sx * sy)), score=iou))
     out.sort(key=lambda d: (d.bbox[1], d.bbox[0]))
-    return out
-
-
-def detections_by_class(detections: list[Detection], max_objects: int = 16) -> dict[str, list[Detection]]:
-    """GenEval's per-class detection lists: sorted by score, descending (stable), at most ``max_objects`` per
-    class; classes with no detection are absent."""
-    out: dict[str, list[Detection]] = {}
-    for d in sorted(detections, key=lambda d: -d.score):
-        lst = out.setdefault(d.shape, [])
-        if len(lst) < max_objects:
-            lst.append(d)
     return out

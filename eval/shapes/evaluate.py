@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllm.generation import ImageSampling, TextSampling, generate_images, generate_replies
+from mllm.generation import ImageSampling, TextSampling, generate_replies
 
 from . import world as W
 from .geneval import score_image, summarize
@@ -94,28 +94,25 @@ def evaluate_vqa(model, processor, unitok, scenes: list[W.Scene], batch_size: in
 def evaluate_generation(model, processor, unitok, prompts: list[dict], images_per_prompt: int = 1,
                         sampling: ImageSampling | None = None, seed: int = 0, batch_size: int = 16,
                         out_dir: Path | None = None) -> dict[str, Any]:
-    """Generate, detect, score (GenEval rules). With ``out_dir``: GenEval's folder layout with the PNGs."""
-    from tokenizer.image import to_pil
+    """GenEval's path end to end: ``unitok eval geneval``'s generation into GenEval's folder layout (``out_dir``, or
+    a temporary folder), then ``unitok eval geneval-score --detector shapes`` on it (GenEval's rules with the exact
+    detector). Returns the summary, the result records (sample order) and the images ``[n, 3, H, W]``."""
+    import tempfile
+
+    from tokenizer.image import load_image, to_tensor
+
+    from ..geneval import score_folder
+    from ..geneval_generate import generate_folder
+    from .geneval import ShapesDetector
 
     sampling = sampling or ImageSampling(cfg_scale=3.0, temperature=1.0, top_k=0)
-    jobs = [(k, m, seed + 1000 * k + j) for k, m in enumerate(prompts) for j in range(images_per_prompt)]
-    results, images = [], []
-    for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
-        codes = generate_images(model, processor, [m["prompt"] for _, m, _ in batch], sampling,
-                                seeds=[s for _, _, s in batch])
-        with torch.no_grad():
-            pixels = unitok.decode(codes.to(next(unitok.parameters()).device)).cpu()
-        for (k, m, s), px in zip(batch, pixels):
-            img = to_pil(px)
-            images.append(px)
-            rec = score_image(img, m)
-            results.append({"prompt_index": k, "seed": s, **rec})
-            if out_dir is not None:
-                folder = out_dir / f"{k:05d}"
-                (folder / "samples").mkdir(parents=True, exist_ok=True)
-                (folder / "metadata.jsonl").write_text(json.dumps(m))
-                img.save(folder / "samples" / f"{s % 1000:04d}.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(out_dir) if out_dir is not None else Path(tmp)
+        generate_folder(model, processor, unitok, prompts, folder, images_per_prompt, sampling, seed, batch_size)
+        results, unreadable = score_folder(folder, ShapesDetector())
+        if unreadable:
+            raise ValueError(unreadable[0])
+        images = [to_tensor(load_image(r["filename"])) for r in results]
     return {"summary": summarize(results), "results": results, "images": torch.stack(images) if images else None}
 
 

@@ -8,7 +8,10 @@ scorers run end to end on real files (``unitok eval shapes-export --out DIR``):
 * ``vqav2/``: every question as LLaVA's test-dev and test2015 lists, and val-style official annotations (the one
   answer ten times, answer types yes/no, number, other);
 * ``mme/``: ``existence`` and ``position`` tasks (a yes and a no question per image, as MME pairs them), with the
-  release's ``<task>/<image>.txt`` ground truth.
+  release's ``<task>/<image>.txt`` ground truth;
+* ``geneval/evaluation_metadata.jsonl``: the shapes world's GenEval-style prompts (those ``unitok eval shapes``
+  draws), in GenEval's metadata format, for ``unitok eval geneval --metadata`` and ``geneval-score --detector
+  shapes``.
 
 Prompts are the shapes evaluation's (``question + " Answer the question using a single word or phrase."``), so the
 runner asked for ``--max-new-tokens 4`` gives the answers ``unitok eval shapes`` scores.
@@ -37,8 +40,8 @@ def answer_type(answer: str) -> str:
     return "yes/no" if answer in ("yes", "no") else "number" if answer.isdigit() else "other"
 
 
-def export(out: Path, scenes: list) -> dict[str, int]:
-    """Write the four layouts under ``out``; returns the number of questions in each."""
+def export(out: Path, scenes: list, prompts: list[dict] = ()) -> dict[str, int]:
+    """Write the layouts under ``out``; returns the number of questions (prompts for GenEval) in each."""
     pope, pope_labels, gqa, gqa_official, vqa, vqa_ann, mme = [], [], [], {}, [], [], []
     for i, scene in enumerate(scenes):
         name = f"{i:06d}_{scene.id}.png"
@@ -78,18 +81,23 @@ def export(out: Path, scenes: list) -> dict[str, int]:
     _jsonl(out / "vqav2" / "llava_vqav2_mscoco_test2015.jsonl", vqa)
     (out / "vqav2" / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": vqa_ann}))
     _jsonl(out / "mme" / "llava_mme.jsonl", mme)
-    return {"pope": len(pope), "gqa": len(gqa), "vqav2": len(vqa), "mme": len(mme)}
+    _jsonl(out / "geneval" / "evaluation_metadata.jsonl", prompts)
+    return {"pope": len(pope), "gqa": len(gqa), "vqav2": len(vqa), "mme": len(mme), "geneval": len(prompts)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for pope/, gqa/, vqav2/, mme/")
     p.add_argument("--scenes", type=int, default=200, help="test scenes (those `unitok eval shapes` scores)")
     p.add_argument("--seed", type=int, default=0, help="as `unitok demo --seed`")
+    p.add_argument("--prompts-per-tag", type=int, default=20, help="GenEval-style prompts per tag (as `eval shapes`)")
 
 
 def run(args: argparse.Namespace) -> int:
-    counts = export(Path(args.out), test_scenes(args.scenes, args.seed))
-    print(", ".join(f"{k}: {n} questions" for k, n in counts.items()) + f" -> {args.out}/")
+    counts = export(Path(args.out), test_scenes(args.scenes, args.seed), W.geneval_prompts(args.prompts_per_tag))
+    print(", ".join(f"{k}: {n} {'prompts' if k == 'geneval' else 'questions'}" for k, n in counts.items())
+          + f" -> {args.out}/")
     print(f"e.g. unitok eval vqa --benchmark pope --data {args.out}/pope --max-new-tokens 4 --model M --tokenizer T "
-          f"--out runs/eval/pope")
+          f"--out runs/eval/pope\n     unitok eval geneval --metadata {args.out}/geneval/evaluation_metadata.jsonl "
+          f"--cfg 3 --images-per-prompt 1 --model M --tokenizer T --out runs/eval/geneval\n"
+          f"     unitok eval geneval-score runs/eval/geneval --detector shapes")
     return 0

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..geneval import relative_position, revised_offset as _revised
+
 __all__ = [
     "SHAPES", "COLORS", "COLOR_NAMES", "SIZES", "BACKGROUND_TONES", "BACKGROUND_KINDS", "RELATIONS", "NUMBER_WORDS",
     "GENEVAL_TAGS", "QUESTION_TYPES", "SPLITS",
@@ -217,38 +219,6 @@ def render(scene: Scene, size: int | None = None) -> Image.Image:
 
 def object_box(o: Obj | Sequence[float]) -> tuple[float, float, float, float]:
     return tuple(float(v) for v in (o.box if isinstance(o, Obj) else o[:4]))  # type: ignore[return-value]
-
-
-def _revised(box_a, box_b, threshold: float):
-    a = np.asarray(object_box(box_a), np.float64).reshape(2, 2)
-    b = np.asarray(object_box(box_b), np.float64).reshape(2, 2)
-    ca, cb = a.mean(axis=0), b.mean(axis=0)
-    da, db = np.abs(a[1] - a[0]), np.abs(b[1] - b[0])
-    offset = ca - cb
-    revised = np.maximum(np.abs(offset) - threshold * (da + db), 0) * np.sign(offset)
-    return offset, revised
-
-
-def relative_position(box_a, box_b, threshold: float = 0.1) -> set[str]:
-    """Relations of A relative to B, exactly GenEval's ``relative_position`` (``evaluate_images.py``).
-
-    Boxes are ``(x1, y1, x2, y2)`` (or ``Obj``). ``offset = centre_A - centre_B``; each component shrinks by
-    ``threshold * (dimA + dimB)`` (floored at 0, sign kept); all components < 1e-3 -> no relation; otherwise
-    divide by the *unrevised* norm and test +-0.5 per axis (image y grows downwards)."""
-    offset, revised = _revised(box_a, box_b, threshold)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rel = set()
-    if dx < -0.5:
-        rel.add("left of")
-    if dx > 0.5:
-        rel.add("right of")
-    if dy < -0.5:
-        rel.add("above")
-    if dy > 0.5:
-        rel.add("below")
-    return rel
 
 
 def relation_strength(box_a, box_b, threshold: float = 0.1) -> dict[str, float]:
