@@ -14,6 +14,9 @@ BENCHMARKS = {"shapes": ("eval.shapes.evaluate", "tokenizer PSNR, VQA accuracy a
                                                    "temperature, top-k/p and seeds recorded; resumable)"),
               "geneval-score": ("eval.geneval", "GenEval's rules on a folder of samples, with the transformers "
                                                 "Mask2Former + CLIP detector or the shapes world's"),
+              "tokenizer": ("eval.tokenizer_metrics", "a tokenizer's PSNR / SSIM (LlamaGen protocol), rFID "
+                                                      "(torch-fidelity's Inception), LPIPS, codebook usage and "
+                                                      "zero-shot accuracy on a folder of images"),
               "score": ("eval.scorers", "official scoring of answer files: pope, mme, gqa, vqav2, textvqa, geneval")}
 
 
