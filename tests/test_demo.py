@@ -27,6 +27,12 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     assert not any(s["cached"] for s in results["stages"].values())
     assert 5 < results["psnr"] < 60
     assert results["vqa"]["n"] > 0 and 0 <= results["vqa"]["accuracy"] <= 1
+    # the same questions as VQAv2-layout files through `unitok eval vqa` and the official scorer
+    from eval.vqa_metric import official_round
+    assert results["vqa_runner"]["overall"] == official_round(100 * results["vqa"]["accuracy"], 2)
+    assert results["vqa_runner"]["perQuestionType"] == {t: official_round(100 * v, 2)
+                                                        for t, v in results["vqa"]["per_type"].items()}
+    assert "VQA through `unitok eval vqa`" in out
     assert set(results["geneval"]["per_task"]) == set(W.GENEVAL_TAGS)
     assert (cache / "eval" / "generations.png").is_file()
     assert (cache / "instruct" / "model" / "tokenizer_config.json").is_file()

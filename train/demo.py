@@ -225,7 +225,7 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
 def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
     from eval.shapes import world as W
     from eval.shapes.evaluate import (evaluate_generation, evaluate_vqa, reconstruction_ceiling, test_scenes,
-                                      tokenizer_psnr)
+                                      tokenizer_psnr, vqa_through_runner)
     from mllm.cli import load_mllm, load_unitok
     from mllm.generation import ImageSampling
     from tokenizer.image import make_grid
@@ -243,6 +243,8 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
         "wrong_image": evaluate_vqa(model, processor, unitok, scenes, image_shift=1),
         "train_scenes": evaluate_vqa(model, processor, unitok, W.generate_split("train", size.test_scenes, seed=seed)),
     }
+    # the same test questions as benchmark files through `unitok eval vqa` and the official scorer
+    runner = vqa_through_runner(model_dir, tokenizer_dir, scenes, out / "benchmarks")
     t_vqa = time.perf_counter() - t
     prompts = W.geneval_prompts(size.prompts_per_tag)
     t = time.perf_counter()
@@ -261,7 +263,7 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
     results = {"psnr": psnr, "vqa": {k: v for k, v in vqa.items() if k != "scores"},
                "vqa_diagnostics": {k: {"accuracy": v["accuracy"], "per_type": v["per_type"]}
                                    for k, v in diagnostics.items()},
-               "geneval": gen["summary"], "geneval_chat": chat_gen, "geneval_reconstructions": ceiling, "grid_prompts": [gen["results"][i]["prompt"] for i in picked],
+               "vqa_runner": runner["scores"], "geneval": gen["summary"], "geneval_chat": chat_gen, "geneval_reconstructions": ceiling, "grid_prompts": [gen["results"][i]["prompt"] for i in picked],
                "seconds": {"vqa": t_vqa, "geneval": t_gen}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -381,7 +383,11 @@ def format_chat_drawing(results: dict) -> list[str]:
 def format_table(results: dict) -> str:
     from eval.shapes.evaluate import format_scores
 
-    lines = [show_examples(results), "", format_scores(results["psnr"], results["vqa"], results["geneval"]), "",
+    runner = results.get("vqa_runner")
+    lines = [show_examples(results), "", format_scores(results["psnr"], results["vqa"], results["geneval"]),
+             *([f"VQA through `unitok eval vqa` (VQAv2 layout, official scorer): {runner['overall']:.2f} %; "
+                f"GenEval-style above: `unitok eval geneval` + `geneval-score --detector shapes`"] if runner else []),
+             "",
              format_diagnostics(results), "",
              *format_chat_drawing(results),
              "stage times (s):  " + "  ".join(f"{k} {v['seconds']:.0f}{'*' if v['cached'] else ''}"
