@@ -131,7 +131,7 @@ def test_checkpoint_atomic_keep_last_and_resolve(tmp_path):
         empty.resolve(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest", "no manifest"])
 @pytest.mark.parametrize("victim", ["accelerate/model.safetensors", "accelerate/optimizer.bin",
                                     "accelerate/random_states_0.pkl", "rank00000.pt", "meta.json"])
 def test_resume_skips_a_damaged_newest_checkpoint_for_the_previous_intact_one(tmp_path, caplog, victim, damage):
@@ -161,11 +161,14 @@ def test_resume_skips_a_damaged_newest_checkpoint_for_the_previous_intact_one(tm
         f.write_bytes(bytes(data))
     elif damage == "delete":
         f.unlink()
+    elif damage == "no manifest":  # a checkpoint is complete only once its manifest is written
+        (newest / "manifest.json").unlink()
     else:
         f.write_text("{half a manif")
     with caplog.at_level("WARNING"):
         assert mgr.resolve("auto") == mgr.resolve("latest") == mgr.list()[0][1]
-    why = "manifest.json is unreadable" if damage == "manifest" else victim
+    why = {"manifest": "manifest.json is unreadable", "no manifest": "no manifest.json, so it is incomplete"}.get(
+        damage, victim)
     assert "skipping damaged checkpoint step-00000020" in caplog.text and why in caplog.text
     with pytest.raises(ValueError, match=f"checkpoint .*step-00000020 is damaged: .*{why}"):
         mgr.resolve(str(newest))

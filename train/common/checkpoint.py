@@ -4,8 +4,9 @@ Layout: ``<root>/step-00001000/`` holds whatever the trainer writes (model via `
 ``meta.json``) and, written last, ``manifest.json`` (every file's size and sha256). A checkpoint is first written to
 ``<root>/.tmp-step-00001000`` and renamed into place only once every rank has finished writing, so a crash mid-save
 never leaves a directory that looks complete. Older checkpoints beyond ``keep_last`` are deleted only after the
-rename. Resuming verifies the manifest: a checkpoint damaged later (a truncated or rewritten file, one missing) is
-skipped for the newest one that verifies, saying which and why; an explicitly named one fails, naming the file.
+rename. Resuming verifies the manifest: a checkpoint without one, or damaged later (a truncated or rewritten file, one
+missing), is skipped for the newest one that verifies, saying which and why; an explicitly named one fails, naming
+the file.
 
 All ranks call :meth:`CheckpointManager.save` (each rank may write its own files, e.g. its RNG state); only the main
 process creates, renames and prunes directories. Multi-node training needs ``root`` on a shared filesystem.
@@ -132,11 +133,12 @@ def write_manifest(path: Path) -> None:
 
 def verify_checkpoint(path: Path) -> str | None:
     """None when every file of the manifest is there with its size and checksum, else what is wrong (naming the
-    file). A checkpoint without a manifest (written before manifests existed) is accepted with a warning."""
+    file). A checkpoint without a manifest is incomplete: the manifest is written last, so nothing vouches for the
+    other files (and a checkpoint of a version before manifests cannot prove exact resume either)."""
     manifest = path / MANIFEST
     if not manifest.is_file():
-        logger.warning("checkpoint %s has no %s: its files cannot be verified", path, MANIFEST)
-        return None
+        return (f"no {MANIFEST}, so it is incomplete (cut short before the manifest was written, or written before "
+                f"checkpoints had one; its weights can still start a new run through model.pretrained)")
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:
