@@ -125,28 +125,41 @@ def shard(items: list, rank: int, world: int) -> list:
 
 # ---------------------------------------------------------------------------- answering
 def answer_batch(model, processor, unitok, questions: list[dict], image_folder: Path, max_new_tokens: int
-                 ) -> list[tuple[str, str | None]]:
-    """(answer text, image error or None) per question; a question whose image cannot be read is answered ""."""
+                 ) -> list[tuple[str, dict]]:
+    """(answer text, metadata) per question. A question whose image cannot be read (``image_error``) or whose prompt
+    leaves no room for ``max_new_tokens`` in the model's context (``prompt_error``) is answered "" and the reason
+    recorded, so one bad record never stops a run."""
     from mllm.generation import TextSampling, generate_replies
     from tokenizer.image import load_image, preprocess_padded
 
-    pixels, rows, errors = [], [], []
+    context = model.config.max_position_embeddings
+    pixels, rows, problems = [], [], []
     for q in questions:
         try:
-            pixels.append(preprocess_padded(load_image(image_folder / q["image"]), unitok.config.image_size))
-            errors.append(None)
-        except (FileNotFoundError, ValueError) as err:
-            errors.append(str(err))
+            row = processor.chat_prompt([{"role": "user", "content": "<image>\n" + q["text"]}])
+        except ValueError as err:  # longer than the processor's max_length
+            problems.append({"prompt_error": str(err)})
             continue
-        rows.append(processor.chat_prompt([{"role": "user", "content": "<image>\n" + q["text"]}]))
+        if len(row) + max_new_tokens > context:
+            problems.append({"prompt_error": f"prompt of {len(row)} tokens + {max_new_tokens} new tokens exceeds the "
+                                             f"model's context of {context}"})
+            continue
+        try:
+            pixels.append(preprocess_padded(load_image(image_folder / q["image"]), unitok.config.image_size))
+        except (FileNotFoundError, ValueError) as err:
+            problems.append({"image_error": str(err)})
+            continue
+        problems.append({})
+        rows.append(row)
     texts = iter([])
     if rows:
         with torch.inference_mode():
             codes = unitok.encode(torch.stack(pixels).to(model.device))
         texts = iter(generate_replies(model, processor, rows, codes, TextSampling(max_new_tokens=max_new_tokens)))
-    return [("", err) if err else (next(texts), None) for err in errors]
+    return [("", p) if p else (next(texts), {}) for p in problems]
 
 
+# ---------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
@@ -197,11 +210,10 @@ def run(args: argparse.Namespace) -> int:
                  disable=not todo) as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            for q, (text, error) in zip(batch, answer_batch(model, processor, unitok, batch, image_folder, max_new)):
+            for q, (text, problem) in zip(batch, answer_batch(model, processor, unitok, batch, image_folder,
+                                                              max_new)):
                 row = {"question_id": q["question_id"], "prompt": q["text"], "text": text,
-                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
-                if error:
-                    row["metadata"]["image_error"] = error
+                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": problem}
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
             os.fsync(sink.fileno())
@@ -224,10 +236,12 @@ def finish(benchmark: str, questions: list[dict], done: dict, out: Path, data: P
     with open(out / "answers" / "merge.jsonl", "w", encoding="utf-8") as f:
         for row in merged:
             f.write(json.dumps(row) + "\n")
-    bad = [{"question_id": r["question_id"], "error": r["metadata"]["image_error"]} for r in merged
-           if r.get("metadata", {}).get("image_error")]
+    bad = {kind: [{"question_id": r["question_id"], "error": r["metadata"][kind]} for r in merged
+                  if r.get("metadata", {}).get(kind)] for kind in ("image_error", "prompt_error")}
     results = {"benchmark": benchmark, "questions": len(questions), "answered": len(merged),
-               "generated_this_run": generated, "image_errors": len(bad), "image_error_examples": bad[:10]}
+               "generated_this_run": generated, "image_errors": len(bad["image_error"]),
+               "image_error_examples": bad["image_error"][:10], "prompt_errors": len(bad["prompt_error"]),
+               "prompt_error_examples": bad["prompt_error"][:10]}
     results["scores"], results["files"] = (BENCHMARK_FINISH[benchmark](merged, questions, out, data, annotations,
                                                                         partial) if merged else (None, {}))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -349,7 +363,8 @@ def format_results(benchmark: str, results: dict) -> str:
     lines = [f"| {benchmark} | figure |", "|---|---|",
              f"| questions answered | {results['answered']} of {results['questions']} "
              f"({results['generated_this_run']} this run) |",
-             f"| images missing or unreadable | {results['image_errors']} |"]
+             f"| images missing or unreadable | {results['image_errors']} |",
+             f"| prompts too long for the context | {results.get('prompt_errors', 0)} |"]
     if s is None:
         lines.append("| score | no annotations here (see files) |")
     elif benchmark == "pope":

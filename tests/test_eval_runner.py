@@ -303,3 +303,33 @@ def test_shapes_geneval_export_through_the_runners(pair, tmp_path, capsys):
     assert all(r["correct"] for r in rows if r["filename"].endswith("0000.png"))
     summary = json.loads((gen / "results_summary.json").read_text())
     assert summary["overall"] == summarize(rows)["overall"] and 0 < summary["overall"] < 1
+
+
+@pytest.mark.parametrize("room", ["over max_length", "no room to answer"])
+def test_an_over_long_question_is_recorded_not_fatal(pair, tmp_path, room):
+    """A prompt longer than the processor takes, or one that leaves no room for the answer in the model's context,
+    is answered "", counted and named; the other questions of its batch are answered as they would be without it."""
+    from mllm.cli import load_mllm
+
+    model, processor = load_mllm(str(pair / "mllm"), "cpu")
+    context = model.config.max_position_embeddings
+    data = pope_folder(tmp_path / "pope")
+    rows = [json.loads(line) for line in open(data / "llava_pope_test.jsonl")]
+    repeat = 2000
+    if room == "no room to answer":  # fits the context, but not with the 128 new tokens
+        repeat = next(k for k in range(1, 2000) if len(processor.chat_prompt(
+            [{"role": "user", "content": "<image>\n" + "Is there a circle " * k + SUFFIX}])) > context - 128)
+    rows[1]["text"] = "Is there a circle " * repeat + SUFFIX
+    assert room == "over max_length" or len(processor.chat_prompt(
+        [{"role": "user", "content": "<image>\n" + rows[1]["text"]}])) <= context
+    write_jsonl(data / "llava_pope_test.jsonl", rows)
+    results = evaluate(pair, "pope", data, tmp_path / "out", "--batch-size", "4", "--limit", "4")
+    got = merged(tmp_path / "out")
+    assert results["prompt_errors"] == 1 and got[1]["text"] == ""
+    why = "more than max_length" if room == "over max_length" else f"exceeds the model's context of {context}"
+    assert why in got[1]["metadata"]["prompt_error"]
+    rows[1]["text"] = rows[0]["text"]
+    write_jsonl(data / "llava_pope_test.jsonl", rows)
+    clean = evaluate(pair, "pope", data, tmp_path / "clean", "--batch-size", "4", "--limit", "4")
+    assert [r["text"] for i, r in enumerate(merged(tmp_path / "clean")) if i != 1] == \
+        [r["text"] for i, r in enumerate(got) if i != 1] and clean["prompt_errors"] == 0
