@@ -13,7 +13,7 @@ Official GenEval runs mmdet 2.x Mask2Former Swin-S (OpenMMLab's COCO checkpoint)
 * colours: ``CLIPModel`` from a local folder (``openai/clip-vit-large-patch14``, the weights open_clip calls
   ``ViT-L-14/openai``), zero-shot over GenEval's 10 colours with its three templates (class embedding = normalised
   mean of the normalised template embeddings), on the object's mask composited over ``#999`` grey and cropped to
-  its box, logits = 100 x cosine.
+  its box, logits = 100 x cosine (GenEval computes them under fp16 autocast; here in the model's dtype).
 
 The rules (thresholds 0.3 / 0.9, 16 per class, position margin) are ``eval/geneval.py``'s, shared with the shapes
 world's detector.
