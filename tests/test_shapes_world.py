@@ -394,17 +394,6 @@ def test_world_vqa_scorer(train_scenes):
     assert r["accuracy"] == 0.0 and r["per_type"] == {"exists": 0.0, "count": 0.0, "color": 0.0}
 
 
-def test_where_questions_name_the_cell_of_each_unambiguous_object():
-    """Training-only grounding: one question per object whose colour + shape is unique, answered with its 1-based
-    grid cell; a repeated colour + shape gets none; none of them is among the test questions."""
-    scene = W.Scene("s", (W.Obj("circle", "red", "small", 8, 8), W.Obj("square", "blue", "large", 56, 40),
-                          W.Obj("square", "green", "small", 24, 56), W.Obj("square", "green", "large", 40, 8)),
-                    (230, 230, 230))
-    assert [(q["question"], q["answer"]) for q in W.where_questions(scene)] == [
-        ("Where is the red circle?", "row 1, column 1"), ("Where is the blue square?", "row 3, column 4")]
-    assert all(q["type"] != "where" for s in W.generate_split("test", 20) for q in W.questions(s))
-
-
 def test_wordings_change_the_words_not_the_questions():
     """Every wording asks the same questions with the same answers; canonical is WORDINGS[k][0] (the scored test
     set, unchanged); varied draws several training wordings; the held-out paraphrases share no template with them."""

@@ -125,7 +125,7 @@ def texts_for_tokenizer(scenes, prompt_meta, template: str) -> list[str]:
              if x]
     for s in scenes:
         texts += W.captions(s)
-        texts += [q["question"] + " " + q["answer"] for q in W.questions(s, wording="varied") + W.where_questions(s)]
+        texts += [q["question"] + " " + q["answer"] for q in W.questions(s, wording="varied")]
     texts += [m["prompt"] for m in prompt_meta]
     texts += [draw_request(m["prompt"], k) for m in prompt_meta[:len(DRAW_REQUESTS) * 20]
               for k in range(len(DRAW_REQUESTS))]
@@ -191,11 +191,8 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
         for s, c in zip(scenes, scene_codes):
             qs = W.questions(s, wording="varied")  # the held-out paraphrases stay out of training
             order = rng.permutation(len(qs))
-            grounding = W.where_questions(s)  # training-only: one more multi-turn conversation
-            qs += grounding
             # half single-question conversations (the eval format), half multi-turn over the same image
-            for chunk in ([[int(i)] for i in order[:3]] + [[int(i) for i in order[3:]]]
-                          + [list(range(len(qs) - len(grounding), len(qs)))]):
+            for chunk in ([[int(i)] for i in order[:3]] + [[int(i) for i in order[3:]]]):
                 if not chunk:
                     continue
                 conv = []

@@ -535,22 +535,6 @@ def questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG,
     return out
 
 
-def where_questions(scene: Scene, config: WorldConfig = DEFAULT_CONFIG) -> list[dict[str, str]]:
-    """Training-only grounding questions: "Where is the red circle?" -> "row 2, column 3" (1-based grid cell), for
-    every object whose colour + shape is unique in the scene. They supervise, with a 16-way answer instead of one
-    yes/no bit, the lookup that position and existence questions compose (find the object a colour + shape names,
-    read its cell), as grounding data does in LLaVA-1.5's mixture. Not among the test questions."""
-    seen: dict[tuple[str, str], int] = {}
-    for o in scene.objects:
-        seen[(o.color, o.shape)] = seen.get((o.color, o.shape), 0) + 1
-    out = []
-    for o in scene.objects:
-        if seen[(o.color, o.shape)] == 1:
-            row, col = o.y // config.cell + 1, o.x // config.cell + 1
-            out.append(_q(f"Where is the {o.color} {o.shape}?", f"row {row}, column {col}", "where"))
-    return out
-
-
 def _meta(tag: str, include: list[dict], prompt: str, exclude: list[dict] | None = None) -> dict[str, Any]:
     d: dict[str, Any] = {"tag": tag, "include": include}
     if exclude is not None:
