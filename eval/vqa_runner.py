@@ -364,7 +364,7 @@ def format_results(benchmark: str, results: dict) -> str:
              f"| questions answered | {results['answered']} of {results['questions']} "
              f"({results['generated_this_run']} this run) |",
              f"| images missing or unreadable | {results['image_errors']} |",
-             f"| prompts too long for the context | {results.get('prompt_errors', 0)} |"]
+             f"| prompts too long for the context | {results['prompt_errors']} |"]
     if s is None:
         lines.append("| score | no annotations here (see files) |")
     elif benchmark == "pope":

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from eval.geneval import COLORS
+from eval.geneval_generate import write_prompt_folder
 from eval.shapes import geneval as G
 from eval.shapes import world as W
 from eval.shapes.detector import detect
@@ -365,7 +366,7 @@ def test_scorer_fails_wrong_images():
 def test_score_folder_layout(tmp_path):
     rng = np.random.default_rng(0)
     prompts = W.geneval_prompts(3, seed=0)
-    folders = G.write_prompt_folders(tmp_path, prompts)
+    folders = [write_prompt_folder(tmp_path, i, m) for i, m in enumerate(prompts)]
     for folder, m in zip(folders, prompts):
         for k in range(2):
             W.render(W.scene_for_prompt(m, rng)).save(folder / "samples" / f"{k:04d}.png")

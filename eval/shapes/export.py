@@ -86,7 +86,7 @@ def export(out: Path, scenes: list, prompts: list[dict] = ()) -> dict[str, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder for pope/, gqa/, vqav2/, mme/")
+    p.add_argument("--out", required=True, help="folder for pope/, gqa/, vqav2/, mme/, geneval/")
     p.add_argument("--scenes", type=int, default=200, help="test scenes (those `unitok eval shapes` scores)")
     p.add_argument("--seed", type=int, default=0, help="as `unitok demo --seed`")
     p.add_argument("--prompts-per-tag", type=int, default=20, help="GenEval-style prompts per tag (as `eval shapes`)")

@@ -7,15 +7,13 @@ for template IoU; here a blob is an object iff the detector accepts it (``Detect
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from .. import geneval as rules
 from .detector import DEFAULT_DETECTOR, Detection, DetectorConfig, detect
 
-__all__ = ["ShapesDetector", "score_image", "summarize", "score_folder", "write_prompt_folders"]
+__all__ = ["ShapesDetector", "score_image", "summarize", "score_folder"]
 
 summarize = rules.summarize
 
@@ -51,16 +49,3 @@ def score_folder(root: str | os.PathLike, config: DetectorConfig = DEFAULT_DETEC
     if unreadable:
         raise ValueError(unreadable[0])
     return results
-
-
-def write_prompt_folders(root: str | os.PathLike, prompts: Iterable[Mapping[str, Any]]) -> list[Path]:
-    """Create GenEval's generation layout: ``<root>/<index:05d>/metadata.jsonl`` + an empty ``samples/``."""
-    root = Path(root)
-    paths = []
-    for i, m in enumerate(prompts):
-        folder = root / f"{i:05d}"
-        (folder / "samples").mkdir(parents=True, exist_ok=True)
-        with open(folder / "metadata.jsonl", "w") as fp:
-            json.dump(dict(m), fp)
-        paths.append(folder)
-    return paths

@@ -36,7 +36,7 @@ __all__ = [
     "GENEVAL_TAGS", "QUESTION_TYPES", "SPLITS",
     "WorldConfig", "DEFAULT_CONFIG", "Obj", "Background", "Scene",
     "shape_mask", "render", "make_scene", "scene_split", "generate_split", "layout_key",
-    "relative_position", "relation_strength", "object_box",
+    "relative_position", "relation_strength",
     "with_article", "make_plural", "captions", "questions", "t2i_prompts", "scene_record",
     "geneval_prompts", "enumerate_prompts", "scene_for_prompt",
 ]
@@ -216,10 +216,6 @@ def render(scene: Scene, size: int | None = None) -> Image.Image:
 # ------------------------------------------------------------------------------------------------------------------
 # Geometry (GenEval's relative-position rule)
 # ------------------------------------------------------------------------------------------------------------------
-
-def object_box(o: Obj | Sequence[float]) -> tuple[float, float, float, float]:
-    return tuple(float(v) for v in (o.box if isinstance(o, Obj) else o[:4]))  # type: ignore[return-value]
-
 
 def relation_strength(box_a, box_b, threshold: float = 0.1) -> dict[str, float]:
     """Signed distance of each relation's test value from GenEval's 0.5 cut (> 0: holds). Used to keep only
