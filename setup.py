@@ -24,7 +24,7 @@ setup(
     # torchvision/timm/open_clip are deliberately absent (see README).
     install_requires=[
         "torch>=2.13",  # tested: 2.13.0 (SDPA enable_gqa needs >= 2.5)
-        "transformers>=5.23.0,<=5.24.0",  # tested: 5.23.0, 5.24.0 (internals in mllm/hf_compat.py)
+        "transformers>=5.23.0,<=5.25.0",  # tested: 5.23.0, 5.24.0, 5.25.0 (internals in mllm/hf_compat.py)
         "accelerate>=1.15",
         "deepspeed>=0.19.8",
         "peft>=0.21.2",
