@@ -385,9 +385,7 @@ def _rng_for(scene: Scene, purpose: str) -> np.random.Generator:
 def captions(scene: Scene) -> list[str]:
     """Captions, most detailed first: objects with size and colour (reading order), objects with colour, a count
     summary by shape, and (for 2+ objects) one clear spatial relation in GenEval's words."""
-    # objects in a per-scene random order, not reading order: a caption in reading order is written by scanning the
-    # image in raster order, and that scan is what the model then reused to answer questions about a named object
-    objs = [scene.objects[int(k)] for k in _rng_for(scene, "caption-order").permutation(len(scene.objects))]
+    objs = list(scene.objects)
     caps = [
         "a photo of " + _join([with_article(o.name(with_size=True)) for o in objs]),
         "a photo of " + _join([with_article(o.name()) for o in objs]),
