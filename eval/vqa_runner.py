@@ -99,6 +99,16 @@ def claim_run(out: Path, run: dict, overwrite: bool, writer: bool, outputs: tupl
 
 
 # ---------------------------------------------------------------------------- files
+def claim_run_on_every_rank(out: Path, run: dict, overwrite: bool, state) -> None:
+    """``claim_run`` under data parallelism: every process checks before the main process changes anything, so a
+    slower process never takes this run's fresh run.json for another run's outputs (it did, exit 2 on rank 1)."""
+    claim_run(out, run, overwrite, writer=False)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        claim_run(out, run, overwrite, writer=True)
+    state.wait_for_everyone()
+
+
 def question_key(question_id, prompt: str) -> tuple:
     """What identifies a question: MME gives both questions of an image the same question_id (the image)."""
     return str(question_id), prompt
@@ -187,8 +197,7 @@ def run(args: argparse.Namespace) -> int:
     run_id = {"benchmark": args.task, "model": str(Path(args.model).resolve()),
               "tokenizer": str(Path(args.tokenizer).resolve()), "question_file": str(question_file.resolve()),
               "max_new_tokens": args.max_new_tokens or layout.max_new_tokens}
-    claim_run(out, run_id, args.overwrite, writer=state.is_main_process)
-    state.wait_for_everyone()
+    claim_run_on_every_rank(out, run_id, args.overwrite, state)
     answer_dir = out / "answers"
     answer_dir.mkdir(parents=True, exist_ok=True)
     done = answered(answer_dir)

@@ -111,6 +111,51 @@ def test_answers_of_another_run_are_never_mixed_in(pair, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["generated_this_run"] == 3
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_slow_rank_does_not_take_the_fresh_run_json_for_another_run(tmp_path, monkeypatch, overwrite):
+    """Two ranks claim a fresh --out; rank 1 is slow between finding no run.json and listing the outputs, long enough
+    for rank 0 to write run.json (rank 1 then took it for another run's output and exited 2). Both must go on."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import tokenizer.checkpoint
+    from eval.vqa_runner import claim_run_on_every_rank
+
+    real_claim_output = tokenizer.checkpoint.claim_output
+
+    rank1_between_checks = threading.Event()
+
+    def claim_output_at_the_worst_time(*args, remove=True, **kwargs):
+        if threading.current_thread().name == "rank 1":  # it has found no run.json; it lists the outputs late
+            rank1_between_checks.set()
+            time.sleep(0.3)
+        elif remove:  # rank 0 writes run.json only once rank 1 is between its two checks
+            rank1_between_checks.wait(5)
+        return real_claim_output(*args, remove=remove, **kwargs)
+
+    monkeypatch.setattr(tokenizer.checkpoint, "claim_output", claim_output_at_the_worst_time)
+    barrier = threading.Barrier(2, timeout=20)
+    run = {"benchmark": "pope", "max_new_tokens": 128}
+    errors = []
+
+    def rank(index: int) -> None:
+        state = SimpleNamespace(is_main_process=index == 0, wait_for_everyone=barrier.wait)
+        try:
+            claim_run_on_every_rank(tmp_path / "out", run, overwrite, state)
+        except Exception as e:  # noqa: BLE001 - the test reports what each rank raised
+            errors.append(f"rank {index}: {e!r}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(i,), name=f"rank {i}") for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == run
+
+
 @pytest.mark.slow
 def test_two_accelerate_processes_merge_to_the_single_process_answers(pair, tmp_path):
     data = pope_folder(tmp_path / "pope")
