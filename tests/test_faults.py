@@ -127,6 +127,49 @@ def test_a_new_run_refuses_an_output_dir_holding_an_earlier_run(tmp_path, capsys
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_extract_codes_resumes_its_own_extraction_and_refuses_any_other(tmp_path, tok_dir, capsys):
+    """A re-run of the same extraction resumes; another input file, another tokenizer of the same shape, or shards
+    without settings in --out are refused (their shards would have been mixed in, exit 0), naming what differs;
+    --overwrite replaces them and leaves the user's other files."""
+    for name, colour in (("a", 40), ("b", 200)):
+        Image.new("RGB", (64, 64), (colour, 90, 30)).save(tmp_path / f"{name}.png")
+        rows = [{"image": f"{name}.png", "text": f"{name} {i}"} for i in range(3)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(1)
+    other_tok = tmp_path / "other-unitok"  # the same shape, other weights
+    UniTok(UniTokConfig.from_preset("tiny")).save_pretrained(other_tok)
+
+    def extract(data, tok=tok_dir, *extra):
+        return cli(["extract-codes", "--tokenizer", str(tok), "--data", str(tmp_path / data), "--out",
+                    str(tmp_path / "codes"), "--shard-size", "2", "--num-workers", "0",
+                    "--cache-dir", str(tmp_path / "hf"), *extra], capsys)
+
+    assert extract("a.jsonl")[0] == 0
+    (tmp_path / "codes" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "codes")
+    assert extract("a.jsonl")[0] == 0  # the same extraction: finished shards are kept
+    assert snapshot(tmp_path / "codes") == before
+    for data, tok, needle in (("b.jsonl", tok_dir, "b.jsonl"), ("a.jsonl", other_tok, "tokenizer_sha256")):
+        code, err = extract(data, tok)
+        assert code == 2
+        assert_one_line(err, str(tmp_path / "codes"), "holds an extraction with other settings", needle,
+                        "--overwrite")
+        assert snapshot(tmp_path / "codes") == before
+    assert extract("b.jsonl", tok_dir, "--overwrite")[0] == 0
+    import pyarrow.parquet as pq
+
+    shards = sorted((tmp_path / "codes").glob("*.parquet"))
+    assert [r["text"] for r in pq.read_table(shards).to_pylist()] == ["b 0", "b 1", "b 2"]
+    assert (tmp_path / "codes" / "notes.txt").read_text() == "mine"
+
+    (tmp_path / "codes" / "extract.json").unlink()  # shards whose settings are unknown
+    before = snapshot(tmp_path / "codes")
+    code, err = extract("b.jsonl")
+    assert code == 2
+    assert_one_line(err, "codes-00000-of-00002.parquet", "--overwrite")
+    assert snapshot(tmp_path / "codes") == before
+
+
 # ------------------------------------------------------------------------------------------ codes files
 @pytest.mark.parametrize("meta, codes_shape, needle", [
     ({"codebook_size": "4096"}, (1, 8, 16), "codebook_size=4096, the tokenizer has 256"),

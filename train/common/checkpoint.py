@@ -126,7 +126,7 @@ class CheckpointManager:
 
 def write_manifest(path: Path) -> None:
     """``manifest.json``: size and sha256 of every file under ``path`` (written last: it vouches for the rest)."""
-    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(path.rglob("*")) if f.is_file() and f.name != MANIFEST}
     (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
@@ -149,7 +149,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != entry["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']} (truncated or rewritten)"
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             return f"{name} does not match its checksum (corrupted)"
     return None
 
@@ -167,7 +167,7 @@ def newest_intact(paths: list[Path]) -> Path:
     raise ValueError("no intact checkpoint to resume from: " + "; ".join(f"{n}: {w}" for n, w in problems))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -7,15 +7,18 @@ The input (pairs: JSONL / parquet / webdataset / image folder; chat: LLaVA JSON/
 ``--shard-size`` consecutive records; process r of W takes shards r, r+W, ... Each shard becomes
 ``OUT/codes-<k>-of-<n>.parquet`` with the original fields and a ``codes`` column (``[K][N]`` per pair record,
 ``[M][K][N]`` per conversation, int16 when the codebook allows), written to a temporary file and renamed, so a
-finished file is always complete. A re-run skips finished shards (resume after an interruption). Records whose image
-cannot be read are left out and counted. ``OUT/extract.json`` records the settings; a re-run with a different
-tokenizer shape, input size or shard size is refused instead of mixing shards.
+finished file is always complete. Records whose image cannot be read are left out and counted. ``OUT/extract.json``
+records the extraction (the input files, their format and count, the shard size, the tokenizer's shape and the sha256
+of its weights). A re-run of the same extraction skips finished shards (resume after an interruption); any other
+extraction into a folder holding shards or settings is refused, naming what differs, instead of mixing shards of two
+extractions (``--overwrite`` deletes them first).
 
 Training reads the result as a parquet source (``paths: [OUT/*.parquet]``): the ``codes`` column is used automatically.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 
+from tokenizer.checkpoint import claim_output
+from train.common.checkpoint import file_sha256
 from train.common.datasources import (IMAGE_KEYS, ROOT_KEY, BadRecord, expand_paths, keep_image_bytes, load_image,
                                       pick_key, reason_class, table_columns)
 
@@ -43,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--causal-projection", action="store_true", help="the February-2025 tokenizer checkpoint")
     p.add_argument("--data", required=True, nargs="+", help="input files, folders or globs ({000..009} ranges ok)")
     p.add_argument("--out", required=True, help="output folder for the parquet shards")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the shards and settings of another extraction in --out first")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "webdataset", "folder", "llava"])
     p.add_argument("--kind", default="auto", choices=["auto", "pairs", "chat"],
                    help="pairs: one image per record; chat: LLaVA conversations (auto: from the data)")
@@ -109,20 +116,42 @@ def shard_name(k: int, n: int) -> str:
     return f"codes-{k:05d}-of-{n:05d}.parquet"
 
 
-def _check_meta(out: Path, meta: dict, is_main: bool) -> None:
+OWNED = (META_NAME, "codes-*-of-*.parquet", ".codes-*.parquet.tmp")  # what an extraction writes into --out
+SAME_EXTRACTION = ("data", "format", "kind", "num_records", "shard_size", "tokenizer", "tokenizer_sha256")
+
+
+def tokenizer_digest(path: str | Path) -> str:
+    """sha256 over the tokenizer's files (a .pth, or a save_pretrained folder): two tokenizers of one shape must not
+    share an output folder."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def claim_extraction(out: Path, meta: dict, is_main: bool, overwrite: bool) -> bool:
+    """Every process checks ``out`` before any writes: the same extraction is resumed; the output of any other
+    (other settings, an unreadable settings file, shards without one) is refused, or with ``overwrite`` deleted by
+    the main process. Returns whether the settings file is to be (re)written."""
     path = out / META_NAME
-    if path.is_file():
+    if not path.is_file():  # shards without settings: not an extraction this command can resume
+        claim_output(out, overwrite, OWNED, remove=is_main)
+        return True
+    try:
         old = json.loads(path.read_text())
-        keys = ("num_records", "shard_size", "kind", "tokenizer")
-        diff = [k for k in keys if old.get(k) != meta.get(k)]
-        if diff:
-            what = ", ".join(f"{k}: {old.get(k)} vs {meta.get(k)}" for k in diff)
-            raise ValueError(f"{out} holds an extraction with other settings ({what}); use another --out or "
-                             "delete it")
-    elif is_main:
-        tmp = out / f".{META_NAME}.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
+        # tokenizer_sha256 is absent from extractions written before it was recorded: not a difference
+        diff = [k for k in SAME_EXTRACTION if old.get(k) != meta.get(k) and (k in old or k != "tokenizer_sha256")]
+        why = "; ".join(f"{k}: {old.get(k)} in {META_NAME}, {meta.get(k)} now" for k in diff[:3])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        diff, why = ["unreadable"], f"{META_NAME} is unreadable: {err}"
+    if diff and not overwrite:
+        raise FileExistsError(f"{out} holds an extraction with other settings ({why}): pass --overwrite to "
+                              "replace it, or choose another --out")
+    if diff:
+        claim_output(out, True, OWNED, remove=is_main)
+    return bool(diff)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,11 +187,17 @@ def run(args: argparse.Namespace) -> int:
     n = len(ds)
     num_shards = max(1, math.ceil(n / args.shard_size))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"data": [str(Path(p).resolve()) for p in paths], "format": fmt, "kind": kind, "num_records": n,
             "shard_size": args.shard_size, "num_shards": num_shards,
-            "tokenizer": {"num_codebooks": K, "codebook_size": V, "num_positions": N, "image_size": S}}
-    _check_meta(out, meta, state.is_main_process)
+            "tokenizer": {"num_codebooks": K, "codebook_size": V, "num_positions": N, "image_size": S},
+            "tokenizer_sha256": tokenizer_digest(args.tokenizer)}
+    write_meta = claim_extraction(out, meta, state.is_main_process, args.overwrite)
+    state.wait_for_everyone()  # every process has checked, and another extraction is gone (--overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process and write_meta:
+        tmp = out / f".{META_NAME}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out / META_NAME)
 
     mine = range(rank, num_shards, world)
     written = skipped = records = 0
