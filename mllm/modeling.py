@@ -349,6 +349,12 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"{path} is not a Llama checkpoint matching its config: {bad[:5]}")
         if not any(k.startswith("model.layers.") for k in state):
             raise ValueError(f"{path} holds no Llama decoder layers (model.layers.*)")
+        # only the image side is new; a backbone tensor the checkpoint lacks would stay randomly initialised
+        new_modules = ("code_embedder.", "depth_head.") + (("lm_head.",) if config.tie_word_embeddings else ())
+        missing = sorted(k for k in own if k not in state and not k.startswith(new_modules))
+        if missing:
+            raise ValueError(f"{path} lacks backbone tensors: {', '.join(missing[:6])}"
+                             f"{' ...' if len(missing) > 6 else ''} ({len(missing)})")
         model.load_state_dict(state, strict=False)
         if config.tie_word_embeddings:
             model.tie_weights()

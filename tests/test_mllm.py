@@ -391,6 +391,16 @@ def test_from_llama_keeps_the_backbone_and_takes_the_tokenizer_codebooks(tmp_pat
     with pytest.raises(ValueError, match="do not match"):
         m.load_tokenizer_weights(UniTok(UniTokConfig.from_preset("tiny", codebook_size=128)))
 
+    # a backbone tensor the checkpoint lacks is an error naming it (was: left randomly initialised)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "llama" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.self_attn.q_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks backbone tensors: model.layers.1.self_attn.q_proj.weight \(1\)"):
+        UniTokMLLM.from_llama(str(tmp_path / "llama"), unitok=unitok)
+
 
 # ---------------------------------------------------------------------------- CLIs
 @pytest.fixture(scope="module")
