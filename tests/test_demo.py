@@ -59,6 +59,21 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     scores = json.loads((tmp_path / "scores" / "results.json").read_text())
     assert scores["geneval"]["n_images"] == len(W.geneval_prompts(1))
 
+    # the text-to-image routing probe (README's "generation ignores the colour word") on the smoke model
+    from eval.shapes.probe import prompt_routing
+    from mllm.cli import load_mllm, load_unitok
+
+    model, processor = load_mllm(str(cache / "instruct" / "model"), "cpu")
+    routing = prompt_routing(model, processor, load_unitok(str(cache / "tokenizer" / "model"), model, model.device),
+                             n=32, n_ranked=3)
+    for attr, n_values in (("color", len(W.COLOR_NAMES)), ("shape", len(W.SHAPES))):
+        by_layer = routing["probe_by_layer"][attr]
+        assert len(by_layer) == model.config.num_hidden_layers + 1 and by_layer[-1] == routing["probe"][attr]
+        assert all(0 <= v <= 1 for v in by_layer)
+        lk = routing["likelihood"][attr]
+        assert lk["best"] in (0, 1 / 3, 2 / 3, 1) and 0 <= lk["mean_rank"] <= n_values - 1
+        assert lk["chance_rank"] == (n_values - 1) / 2
+
     # the ablation: the default's stages come from the cache, the contrastive tokenizer is the same recipe + CLIP
     capsys.readouterr()
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache), "--ablation"]) == 0

@@ -1,6 +1,7 @@
-"""Linear probes per image position: what the codes, and the MLLM's code embedder, tell about the object there.
+"""Linear probes per image position: what the codes, and the MLLM's code embedder, tell about the object there;
+and, for text-to-image, whether the prompt's words reach the image stream.
 
-``python -m eval.shapes.probe --model DIR --tokenizer PATH [--train 1000 --test 400]``
+``python -m eval.shapes.probe --model DIR --tokenizer PATH [--train 1000 --test 400] [--prompts 600]``
 
 World scenes put each object centred in one cell of a 4x4 grid, and the 64-px tokenizer has 4x4 positions, so
 position j holds at most one object. For every position the probe reads (a) the tokenizer's code vectors
@@ -8,10 +9,17 @@ position j holds at most one object. For every position the probe reads (a) the 
 multinomial logistic regression on training scenes and scores held-out test scenes for: occupancy; the colour,
 shape and size of the occupant; and the position's own cell index from an occupied position's vector (chance
 = 1/16 weighted by cell frequency), which says whether the embedding carries its 2-D position.
+
+``--prompts N`` (:func:`prompt_routing`): N single-object prompts "a photo of a <colour> <shape>", each with a scene
+drawn as it says, fed teacher-forced. (a) A probe of the backbone state that predicts the object's cell (the last
+state before its codes), for the prompt's colour and shape: what the model carries from the prompt to where it
+draws. (b) The image NLL of the scene against the same scene recoloured to every other colour (reshaped to every
+other shape): how often the prompt's colour (shape) is the most likely, and its mean rank.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -86,6 +94,54 @@ def probe(model, unitok, n_train: int = 1000, n_test: int = 400, seed: int = 0) 
     return out
 
 
+@torch.no_grad()
+def prompt_routing(model, processor, unitok, n: int = 600, n_ranked: int = 60, seed: int = 0) -> dict[str, dict]:
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(n):
+        shape, colour = W.SHAPES[rng.integers(len(W.SHAPES))], W.COLOR_NAMES[rng.integers(len(W.COLOR_NAMES))]
+        meta = {"tag": "colors", "include": [{"class": shape, "count": 1, "color": colour}],
+                "prompt": f"a photo of {W.with_article(colour + ' ' + shape)}"}
+        items.append((meta["prompt"], W.scene_for_prompt(meta, rng)))
+    if len({len(processor.text_to_image(q)) for q, _ in items}) != 1:
+        raise ValueError("the probe batches its prompts unpadded: every colour and shape word must be one token")
+    codes = encode_scenes(unitok, [sc for _, sc in items]).to(model.device)
+    boi = model.config.boi_token_id
+
+    def image_nll(prompt: str, image_codes: torch.Tensor) -> float:
+        e = processor.text_to_image(prompt)
+        return float(model(input_ids=torch.tensor([e.input_ids], device=model.device), image_codes=image_codes[None],
+                           labels=torch.tensor([e.labels], device=model.device)).image_ce)
+
+    states, colour, shape = [], [], []  # states: [layer input 0, layer outputs ..., the final normed state]
+    for i in range(0, n, 64):
+        chunk = items[i:i + 64]
+        ids = torch.tensor([processor.text_to_image(q).input_ids for q, _ in chunk], device=model.device)
+        hidden = model.model(inputs_embeds=model.embed_inputs(ids, codes[i:i + 64]),
+                             output_hidden_states=True).hidden_states
+        for j, (_, sc) in enumerate(chunk):
+            o = sc.objects[0]
+            at = int((ids[j] == boi).nonzero()[0, 0]) + (o.y // 16) * 4 + o.x // 16  # the state before its codes
+            states.append(torch.stack([h[j, at] for h in hidden]).float().cpu())
+            colour.append(W.COLOR_NAMES.index(o.color))
+            shape.append(W.SHAPES.index(o.shape))
+    x, cut = torch.stack(states), n * 3 // 4
+    result = {"probe": {}, "probe_by_layer": {}, "likelihood": {}}
+    for name, y in (("color", torch.tensor(colour)), ("shape", torch.tensor(shape))):
+        by_layer = [fit_probe(x[:cut, k], y[:cut], x[cut:, k], y[cut:]) for k in range(x.shape[1])]
+        result["probe"][name], result["probe_by_layer"][name] = by_layer[-1], by_layer
+    for attr, values in (("color", W.COLOR_NAMES), ("shape", W.SHAPES)):
+        ranks = []
+        for prompt, sc in items[:n_ranked]:
+            o = sc.objects[0]
+            variants = [dataclasses.replace(sc, objects=(dataclasses.replace(o, **{attr: v}),)) for v in values]
+            nll = np.array([image_nll(prompt, c) for c in encode_scenes(unitok, variants).to(model.device)])
+            ranks.append(int((nll < nll[values.index(getattr(o, attr))]).sum()))
+        result["likelihood"][attr] = {"best": float(np.mean([r == 0 for r in ranks])),
+                                      "mean_rank": float(np.mean(ranks)), "chance_rank": (len(values) - 1) / 2}
+    return result
+
+
 def main() -> int:
     from mllm.cli import load_mllm, load_unitok
 
@@ -95,14 +151,27 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--test", type=int, default=400)
     ap.add_argument("--out", default=None, help="write the table as JSON")
+    ap.add_argument("--prompts", type=int, default=0,
+                    help="also probe text-to-image routing on this many colour prompts (see the docstring)")
     args = ap.parse_args()
-    model, _ = load_mllm(args.model, "cpu")
+    model, processor = load_mllm(args.model, "cpu")
     unitok = load_unitok(args.tokenizer, model, model.device)
     result = probe(model, unitok, args.train, args.test)
     print(f"{'probe accuracy (%)':<18}" + "".join(f"{t:>10}" for t in ("occupied", "color", "shape", "size", "cell")))
     for name, row in result.items():
         print(f"{name:<18}" + "".join(f"{100 * row[t]:10.1f}" if t in row else f"{'':>10}"
                                       for t in ("occupied", "color", "shape", "size", "cell")))
+    if args.prompts:
+        routing = prompt_routing(model, processor, unitok, args.prompts)
+        result["prompt_routing"] = routing
+        print(f"\ntext-to-image, {args.prompts} prompts 'a photo of a <colour> <shape>' (teacher-forced):")
+        for attr in ("color", "shape"):
+            lk = routing["likelihood"][attr]
+            print(f"  {attr:<6} probe of the state before the object's codes {100 * routing['probe'][attr]:5.1f} %;  "
+                  f"the prompt's {attr} is the most likely in {100 * lk['best']:5.1f} % of prompts, mean rank "
+                  f"{lk['mean_rank']:.2f} (chance {lk['chance_rank']:.1f})")
+            print(f"  {'':<6} probe at that position by depth (input, after each layer, final norm): "
+                  + ", ".join(f"{100 * v:.0f}" for v in routing["probe_by_layer"][attr]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
