@@ -198,8 +198,8 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
                 conv = []
                 for k, i in enumerate(chunk):
                     q = qs[i]
-                    text = f"{q['question']}{VQA_SUFFIX}"  # experiment: the question before and after the image
-                    conv += [{"from": "human", "value": f"{q['question']}\n<image>\n{text}" if k == 0 else text},
+                    prefix = "<image>\n" if k == 0 else ""
+                    conv += [{"from": "human", "value": f"{prefix}{q['question']}{VQA_SUFFIX}"},
                              {"from": "gpt", "value": q["answer"]}]
                 f.write(json.dumps({"id": s.id, "conversations": conv, "codes": [c]}) + "\n")
 

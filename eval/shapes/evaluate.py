@@ -29,7 +29,7 @@ VQA_SUFFIX = " Answer the question using a single word or phrase."
 
 
 def vqa_messages(question: str) -> list[dict]:
-    return [{"role": "user", "content": f"{question}\n<image>\n{question}{VQA_SUFFIX}"}]  # experiment
+    return [{"role": "user", "content": f"<image>\n{question}{VQA_SUFFIX}"}]
 
 
 def images_tensor(scenes: list[W.Scene], size: int) -> torch.Tensor:
