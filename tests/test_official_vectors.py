@@ -1,5 +1,6 @@
 """Scorers against figures printed by the official scripts themselves, run once on the inputs generated below:
-LLaVA's ``llava/eval/eval_pope.py`` (@ 4241f08) and MME's ``eval_tool/calculation.py`` (with scikit-learn 1.9.1).
+LLaVA's ``llava/eval/eval_pope.py`` (@ 4241f08), MME's ``eval_tool/calculation.py`` (with scikit-learn 1.9.1) and
+GenEval's ``evaluation/summary_scores.py`` (@ af4902f, pandas 3).
 The inputs are drawn from pools of answers that hit each script's parsing traps; the expected values are the
 scripts' own printed floats (``repr``), so equality is exact."""
 from __future__ import annotations
@@ -8,6 +9,7 @@ import json
 import random
 from pathlib import Path
 
+from eval.geneval import summarize
 from eval.scorers import read_jsonl, score_mme, score_pope
 
 POPE_POOL = ["Yes", "No", "Yes.", "No.", "yes", "no", "Yes, there is a dog.", "No, there is not.", "There is no dog.",
@@ -78,3 +80,38 @@ def test_mme_equals_calculation_py(tmp_path):
     out = score_mme(tmp_path / "mme")
     assert {t: v["score"] for t, v in out["tasks"].items()} == MME_OFFICIAL
     assert (out["perception"], out["cognition"]) == MME_TOTALS
+
+
+def write_geneval_results(path: Path) -> None:
+    """GenEval results.jsonl (evaluate_images.py's fields) with its summary's traps: tags first seen in an unsorted
+    order, 1-4 images per prompt, two prompts with one text but different metadata, prompts with no correct image."""
+    rng = random.Random(11)
+    tags = ["two_object", "colors", "single_object", "counting", "position", "color_attr"]
+    rows = []
+    for p in range(40):
+        tag = tags[p % 6] if p < 12 else rng.choice(tags)
+        text = "a photo of a cat" if p in (3, 17) else f"prompt {p}"
+        metadata = json.dumps({"tag": tag, "prompt": text, "include": [{"class": "cat", "count": 1 + p % 3}]})
+        for _ in range(rng.randint(1, 4)):
+            rows.append({"filename": f"{p:05d}.png", "tag": tag, "prompt": text, "correct": rng.random() < 0.45,
+                         "reason": "", "metadata": metadata, "details": "{}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# summary_scores.py's printout on write_geneval_results' file: per task "(correct / images)" in its order, the
+# overall to its 5 decimals, and the image / prompt totals and percentages
+GENEVAL_OFFICIAL = {"two_object": (7, 14), "colors": (13, 18), "single_object": (6, 10), "counting": (16, 28),
+                    "position": (7, 15), "color_attr": (6, 12)}
+GENEVAL_PRINTED = {"overall": "0.56005", "images": 97, "prompts": 40, "correct_images": "56.70%",
+                   "correct_prompts": "82.50%"}
+
+
+def test_geneval_summary_equals_summary_scores_py(tmp_path):
+    write_geneval_results(tmp_path / "results.jsonl")
+    out = summarize(read_jsonl(tmp_path / "results.jsonl"))
+    assert list(out["per_task"]) == list(GENEVAL_OFFICIAL)  # first-appearance order, as groupby(sort=False)
+    assert {t: out["per_task"][t] for t in GENEVAL_OFFICIAL} == {t: k / n for t, (k, n) in GENEVAL_OFFICIAL.items()}
+    assert f"{out['overall']:.5f}" == GENEVAL_PRINTED["overall"]
+    assert (out["n_images"], out["n_prompts"]) == (GENEVAL_PRINTED["images"], GENEVAL_PRINTED["prompts"])
+    assert f"{out['correct_images']:.2%}" == GENEVAL_PRINTED["correct_images"]
+    assert f"{out['correct_prompts']:.2%}" == GENEVAL_PRINTED["correct_prompts"]
