@@ -196,13 +196,10 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
                 if not chunk:
                     continue
                 conv = []
-                question_first = bool(rng.random() < 0.5)
                 for k, i in enumerate(chunk):
                     q = qs[i]
-                    text = f"{q['question']}{VQA_SUFFIX}"
-                    if k == 0:  # experiment: half the conversations put the question before the image
-                        text = f"{text}\n<image>" if question_first else f"<image>\n{text}"
-                    conv += [{"from": "human", "value": text},
+                    prefix = "<image>\n" if k == 0 else ""
+                    conv += [{"from": "human", "value": f"{prefix}{q['question']}{VQA_SUFFIX}"},
                              {"from": "gpt", "value": q["answer"]}]
                 f.write(json.dumps({"id": s.id, "conversations": conv, "codes": [c]}) + "\n")
 
