@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -58,31 +60,45 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path):
     assert _tree(tmp_path / "run") == before
 
 
-@pytest.mark.parametrize("victim", ["accelerate/model.safetensors", "accelerate/random_states_0.pkl"])
-def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, victim):
-    """A checkpoint damaged after it was written (here: truncated; accelerate alone would fail on the weights with no
-    file named, and skip an unreadable RNG file silently) is skipped: resume falls back to the previous checkpoint,
-    says so, and still logs the uninterrupted run's losses bitwise."""
-    data = make_data(tmp_path / "data")
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+    """A run SIGKILLed after step 6 of 8 (checkpoints at steps 4 and 6), the uninterrupted run's losses, and
+    ``fresh()``, which puts the killed run back as it was left (each test damages its own copy in place)."""
+    root = tmp_path_factory.mktemp("killed")
+    data = make_data(root / "data")
     steps = dict(steps=8, save_every=2, keep_last=2)
-    ref_recipe = write_recipe(tmp_path, data, tmp_path / "ref", train=steps, data={"cfg_dropout": 0.3})
-    run_cli("train", "--config", str(ref_recipe))
-    reference = losses(tmp_path / "ref")
-
-    run = tmp_path / "run"
-    recipe = write_recipe(tmp_path, data, run, train=steps, data={"cfg_dropout": 0.3})
+    run_cli("train", "--config", str(write_recipe(root, data, root / "ref", train=steps, data={"cfg_dropout": 0.3})))
+    recipe = write_recipe(root, data, root / "run", train=steps, data={"cfg_dropout": 0.3})
     proc = subprocess.run(unitok_cmd("train", "--config", str(recipe)), cwd=REPO, capture_output=True, timeout=300,
                           env={**os.environ, FAULT_ENV: "6"})
     assert proc.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert sorted(p.name for p in (root / "run" / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    shutil.copytree(root / "run", root / "as-killed")
+
+    def fresh():
+        shutil.rmtree(root / "run")
+        shutil.copytree(root / "as-killed", root / "run")
+        return root / "run"
+
+    return SimpleNamespace(reference=losses(root / "ref"), recipe=recipe, fresh=fresh)
+
+
+@pytest.mark.parametrize("victim", ["accelerate/model.safetensors", "accelerate/optimizer.bin",
+                                    "accelerate/scheduler.bin", "accelerate/random_states_0.pkl", "rank00000.pt",
+                                    "meta.json"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(killed_run, victim):
+    """Every state file of a checkpoint, damaged after it was written (here: truncated; accelerate alone would fail
+    on the weights with no file named, and skip an unreadable RNG file silently), makes resume fall back to the
+    previous checkpoint, say so, and still log the uninterrupted run's losses bitwise."""
+    run = killed_run.fresh()
     f = run / "checkpoints" / "step-00000006" / victim
     f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
     older = _tree(run / "checkpoints" / "step-00000004")
 
-    proc = run_cli("train", "--config", str(recipe), "--resume")
+    proc = run_cli("train", "--config", str(killed_run.recipe), "--resume")
     assert f"skipping damaged checkpoint step-00000006 ({victim} has" in proc.stderr
     assert "resumed from" in proc.stderr and "step-00000004 at step 4" in proc.stderr
     resumed = losses(run)
-    assert [resumed[s] for s in range(1, 9)] == [reference[s] for s in range(1, 9)]
+    assert [resumed[s] for s in range(1, 9)] == [killed_run.reference[s] for s in range(1, 9)]
     assert not (run / "checkpoints" / "step-00000004").exists() or \
         _tree(run / "checkpoints" / "step-00000004") == older
