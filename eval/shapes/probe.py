@@ -170,8 +170,8 @@ def main() -> int:
             print(f"  {attr:<6} probe of the state before the object's codes {100 * routing['probe'][attr]:5.1f} %;  "
                   f"the prompt's {attr} is the most likely in {100 * lk['best']:5.1f} % of prompts, mean rank "
                   f"{lk['mean_rank']:.2f} (chance {lk['chance_rank']:.1f})")
-            print(f"  {'':<6} probe at that position by depth (input, after each layer, final norm): "
-                  + ", ".join(f"{100 * v:.0f}" for v in routing["probe_by_layer"][attr]))
+            print(f"  {'':<6} probe at that position by depth (the input, then after each layer; the last is the "
+                  "normed output): " + ", ".join(f"{100 * v:.0f}" for v in routing["probe_by_layer"][attr]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
