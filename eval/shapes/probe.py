@@ -30,6 +30,11 @@ from . import world as W
 from .evaluate import encode_scenes
 
 
+def cell_index(o: W.Obj, grid: int = 4, cell: int = 16) -> int:
+    """The image position (raster order) of an object centred in a grid cell."""
+    return (o.y // cell) * grid + o.x // cell
+
+
 def position_targets(scenes: list[W.Scene], grid: int = 4, cell: int = 16) -> dict[str, np.ndarray]:
     """Per (scene, position): occupied (0/1), and colour/shape/size indices (-1 where empty), cell index."""
     n = len(scenes) * grid * grid
@@ -38,7 +43,7 @@ def position_targets(scenes: list[W.Scene], grid: int = 4, cell: int = 16) -> di
     t["cell"] = np.tile(np.arange(grid * grid), len(scenes))
     for i, s in enumerate(scenes):
         for o in s.objects:
-            j = i * grid * grid + (o.y // cell) * grid + o.x // cell
+            j = i * grid * grid + cell_index(o, grid, cell)
             t["occupied"][j] = 1
             t["color"][j] = W.COLOR_NAMES.index(o.color)
             t["shape"][j] = W.SHAPES.index(o.shape)
@@ -108,11 +113,6 @@ def prompt_routing(model, processor, unitok, n: int = 600, n_ranked: int = 60, s
     codes = encode_scenes(unitok, [sc for _, sc in items]).to(model.device)
     boi = model.config.boi_token_id
 
-    def image_nll(prompt: str, image_codes: torch.Tensor) -> float:
-        e = processor.text_to_image(prompt)
-        return float(model(input_ids=torch.tensor([e.input_ids], device=model.device), image_codes=image_codes[None],
-                           labels=torch.tensor([e.labels], device=model.device)).image_ce)
-
     states, colour, shape = [], [], []  # states: [layer input 0, layer outputs ..., the final normed state]
     for i in range(0, n, 64):
         chunk = items[i:i + 64]
@@ -121,7 +121,7 @@ def prompt_routing(model, processor, unitok, n: int = 600, n_ranked: int = 60, s
                              output_hidden_states=True).hidden_states
         for j, (_, sc) in enumerate(chunk):
             o = sc.objects[0]
-            at = int((ids[j] == boi).nonzero()[0, 0]) + (o.y // 16) * 4 + o.x // 16  # the state before its codes
+            at = int((ids[j] == boi).nonzero()[0, 0]) + cell_index(o)  # the state before its codes
             states.append(torch.stack([h[j, at] for h in hidden]).float().cpu())
             colour.append(W.COLOR_NAMES.index(o.color))
             shape.append(W.SHAPES.index(o.shape))
@@ -135,7 +135,10 @@ def prompt_routing(model, processor, unitok, n: int = 600, n_ranked: int = 60, s
         for prompt, sc in items[:n_ranked]:
             o = sc.objects[0]
             variants = [dataclasses.replace(sc, objects=(dataclasses.replace(o, **{attr: v}),)) for v in values]
-            nll = np.array([image_nll(prompt, c) for c in encode_scenes(unitok, variants).to(model.device)])
+            e = processor.text_to_image(prompt)
+            ids, labels = (torch.tensor([t], device=model.device) for t in (e.input_ids, e.labels))
+            nll = np.array([float(model(input_ids=ids, image_codes=c[None], labels=labels).image_ce)
+                            for c in encode_scenes(unitok, variants).to(model.device)])
             ranks.append(int((nll < nll[values.index(getattr(o, attr))]).sum()))
         result["likelihood"][attr] = {"best": float(np.mean([r == 0 for r in ranks])),
                                       "mean_rank": float(np.mean(ranks)), "chance_rank": (len(values) - 1) / 2}
