@@ -8,9 +8,11 @@ RMS eps, tied or untied head all come from it) extended with the fields that des
 * ``projection_dim`` / ``projection_heads``: the causal attention projection of the code embedder;
 * ``depth_layers``: Llama layers of the depth head that emits the K sub-codes of one image position;
 * ``image_positions`` (N): positions per image (16×16 = 256 for the released tokenizer at 256 px);
-* ``image_position_embedding``: add a learned embedding per image position (its 2-D cell) to the code embedder's
-  output. Off in the release, whose image embeddings carry position only through the backbone's 1-D RoPE index;
-  an option for tokenizers whose codes are translation-invariant (the demo's shapes world);
+* ``image_position_embedding``: add an embedding per image position (its 2-D cell) to the code embedder's output:
+  ``True``/``"learned"`` (a learned table, initialised at the text embeddings' scale) or ``"sincos"`` (MAE's fixed
+  2-D sin-cos table: half the channels encode the row, half the column, each of norm ~5.7, near the image content's
+  scale). Off (``False``) in the release, whose image embeddings carry position only through the backbone's 1-D
+  RoPE index; an option for tokenizers whose codes are translation-invariant (the demo's shapes world);
 * ``image_embedding_rms``: if set, RMS-normalise the code embedder's output and scale it to this RMS per coordinate
   (a learnable RMSNorm, times this fixed factor). Off in the release, whose image embeddings reach norm 12-16
   against ~0.3 for text embeddings (initialised N(0, 0.02)). Tried in the demo at 0.02, it lost 8 VQA points
@@ -29,6 +31,9 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id; never embedded as text
 
 
+IMAGE_POSITION_EMBEDDINGS = (False, True, "learned", "sincos")
+
+
 class UniTokMLLMConfig(LlamaConfig):
     model_type = "unitok_mllm"
 
@@ -39,7 +44,7 @@ class UniTokMLLMConfig(LlamaConfig):
     projection_heads: int = 16
     depth_layers: int = 3
     image_positions: int = 256
-    image_position_embedding: bool = False
+    image_position_embedding: bool | str = False
     image_embedding_rms: float | None = None
     image_placeholder_id: int = IMAGE_TOKEN_INDEX
     boi_token_id: int = 3
@@ -55,6 +60,13 @@ class UniTokMLLMConfig(LlamaConfig):
         if self.projection_dim % (self.num_codebooks * self.code_dim):
             raise ValueError(f"projection_dim {self.projection_dim} must be a multiple of the code width "
                              f"{self.num_codebooks}x{self.code_dim}")
+        if self.image_position_embedding not in IMAGE_POSITION_EMBEDDINGS:
+            raise ValueError(f"image_position_embedding must be one of {IMAGE_POSITION_EMBEDDINGS}, "
+                             f"got {self.image_position_embedding!r}")
+        side = round(self.image_positions ** 0.5)
+        if self.image_position_embedding == "sincos" and (side * side != self.image_positions or self.hidden_size % 4):
+            raise ValueError(f"image_position_embedding 'sincos' needs a square grid and hidden_size divisible by 4, "
+                             f"got image_positions {self.image_positions}, hidden_size {self.hidden_size}")
         for name in ("num_codebooks", "codebook_size", "code_dim", "depth_layers", "image_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

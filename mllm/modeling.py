@@ -26,6 +26,7 @@ sequences from the collator's ``cu_seq_lens_*`` / ``max_length_*`` (passed throu
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,20 @@ from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
 from .configuration import IGNORE_INDEX, UniTokMLLMConfig
 
 
+@functools.lru_cache(maxsize=4)
+def sincos_2d(positions: int, dim: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table ``[positions, dim]`` for a square grid in raster order: the first half of the
+    channels encodes the row, the second the column, each as sin/cos pairs of geometric frequencies."""
+    side = int(round(positions ** 0.5))
+    if side * side != positions or dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a square grid and a width divisible by 4, got {positions}, {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    grid = torch.arange(side, dtype=torch.float64)
+    axis = torch.cat([torch.sin(grid[:, None] * omega), torch.cos(grid[:, None] * omega)], 1)  # [side, dim/2]
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.cat([axis[rows.flatten()], axis[cols.flatten()]], 1).float()
+
+
 class CodeEmbedder(nn.Module):
     """Image codes ``[M, K, N]`` -> embeddings ``[M, N, hidden]`` (reference ``TokenEmbedder``, spec §a)."""
 
@@ -58,8 +73,11 @@ class CodeEmbedder(nn.Module):
                                           nn.Linear(config.projection_dim, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
         # optional (config.image_position_embedding): which of the N positions an embedding belongs to
+        kind = config.image_position_embedding
         self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
-                                   if config.image_position_embedding else None)
+                                   if kind is True or kind == "learned" else None)
+        # a fixed table is computed, not stored: a non-persistent buffer is left uninitialised by from_pretrained
+        self.sincos_positions = config.image_positions if kind == "sincos" else 0
         # optional (config.image_embedding_rms): image embeddings at the text embeddings' scale
         self.output_norm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
                             if config.image_embedding_rms is not None else None)
@@ -86,6 +104,8 @@ class CodeEmbedder(nn.Module):
             x = self.output_norm(x) * self.image_embedding_rms
         if self.position_embedding is not None:
             x = x + self.position_embedding(index)
+        elif self.sincos_positions:
+            x = x + sincos_2d(self.sincos_positions, x.shape[-1]).to(x.device, x.dtype)[index]
         return x
 
 

@@ -185,6 +185,41 @@ def test_image_position_embedding_adds_one_row_per_slot(model, positioned_model)
     assert torch.allclose(emb(codes)[0], without[0] + emb.position_embedding.weight, atol=1e-6)
 
 
+def test_sincos_image_positions_encode_row_and_column_and_survive_a_reload(tmp_path):
+    """``image_position_embedding="sincos"``: a fixed table, not a parameter (nothing in the state dict), whose first
+    half of channels depends on the cell's row only and the second half on its column only, distinct for every cell
+    of the 4x4 grid. A saved and reloaded model embeds exactly as before (the table kept as a non-persistent buffer
+    came back from ``from_pretrained`` uninitialised, and training on it gave NaN)."""
+    from mllm.modeling import sincos_2d
+
+    table = sincos_2d(16, 32)
+    rows, cols = torch.arange(16) // 4, torch.arange(16) % 4
+    for j in range(16):
+        assert torch.equal(table[j, :16], table[rows[j] * 4, :16])  # row half: same for the whole row
+        assert torch.equal(table[j, 16:], table[cols[j], 16:])  # column half: same for the whole column
+    assert torch.cdist(table, table).add(torch.eye(16)).min() > 0.1  # every cell distinct
+    assert torch.allclose(table.norm(dim=1), torch.full((16,), 4.0))  # sqrt(32 / 2) per position
+
+    torch.manual_seed(0)
+    model = UniTokMLLM(small_config(image_positions=16, image_position_embedding="sincos")).eval()
+    assert not any("position" in k for k in model.state_dict())
+    codes = torch.randint(0, 16, (2, 4, 16))
+    emb = model.code_embedder
+    without = emb.mm_projector(emb.attn_projection(emb.lookup(codes)))
+    assert torch.allclose(emb(codes), without + table, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    reloaded = UniTokMLLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded.code_embedder(codes), emb(codes))
+
+
+@pytest.mark.parametrize("value, message", [("2d", "image_position_embedding must be one of"),
+                                            ("sincos", "needs a square grid")])
+def test_bad_image_position_embedding_is_one_clear_error(value, message):
+    """An unknown kind, or a sin-cos table for a non-square grid (6 positions), fails at construction, naming it."""
+    with pytest.raises(ValueError, match=message):
+        UniTokMLLM(small_config(image_position_embedding=value))
+
+
 def test_image_embedding_rms_puts_image_embeddings_at_the_text_scale(model):
     """Off in the release (no extra tensor); on, each image embedding has RMS ``image_embedding_rms`` at init (the
     release's embeddings reach norm ~10 against ~0.2 for text embeddings) and the norm's weight is in the state."""

