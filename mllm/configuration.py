@@ -63,7 +63,7 @@ class UniTokMLLMConfig(LlamaConfig):
         if self.image_position_embedding not in IMAGE_POSITION_EMBEDDINGS:
             raise ValueError(f"image_position_embedding must be one of {IMAGE_POSITION_EMBEDDINGS}, "
                              f"got {self.image_position_embedding!r}")
-        side = round(self.image_positions ** 0.5)
+        side = round(self.image_positions ** 0.5)  # the sin-cos table encodes row and column of a square grid
         if self.image_position_embedding == "sincos" and (side * side != self.image_positions or self.hidden_size % 4):
             raise ValueError(f"image_position_embedding 'sincos' needs a square grid and hidden_size divisible by 4, "
                              f"got image_positions {self.image_positions}, hidden_size {self.hidden_size}")

@@ -26,7 +26,6 @@ sequences from the collator's ``cu_seq_lens_*`` / ``max_length_*`` (passed throu
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +45,11 @@ from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
 from .configuration import IGNORE_INDEX, UniTokMLLMConfig
 
 
-@functools.lru_cache(maxsize=4)
 def sincos_2d(positions: int, dim: int) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table ``[positions, dim]`` for a square grid in raster order: the first half of the
-    channels encodes the row, the second the column, each as sin/cos pairs of geometric frequencies."""
+    channels encodes the row, the second the column, each as sin/cos pairs of geometric frequencies. (The config
+    checks that the grid is square and ``dim`` divisible by 4.)"""
     side = int(round(positions ** 0.5))
-    if side * side != positions or dim % 4:
-        raise ValueError(f"a 2-D sin-cos table needs a square grid and a width divisible by 4, got {positions}, {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     grid = torch.arange(side, dtype=torch.float64)
     axis = torch.cat([torch.sin(grid[:, None] * omega), torch.cos(grid[:, None] * omega)], 1)  # [side, dim/2]
@@ -76,8 +73,9 @@ class CodeEmbedder(nn.Module):
         kind = config.image_position_embedding
         self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
                                    if kind is True or kind == "learned" else None)
-        # a fixed table is computed, not stored: a non-persistent buffer is left uninitialised by from_pretrained
-        self.sincos_positions = config.image_positions if kind == "sincos" else 0
+        # a fixed table, not saved; ``_init_weights`` fills it (from_pretrained leaves non-persistent buffers empty)
+        self.register_buffer("position_table", sincos_2d(config.image_positions, config.hidden_size)
+                             if kind == "sincos" else None, persistent=False)
         # optional (config.image_embedding_rms): image embeddings at the text embeddings' scale
         self.output_norm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
                             if config.image_embedding_rms is not None else None)
@@ -104,8 +102,8 @@ class CodeEmbedder(nn.Module):
             x = self.output_norm(x) * self.image_embedding_rms
         if self.position_embedding is not None:
             x = x + self.position_embedding(index)
-        elif self.sincos_positions:
-            x = x + sincos_2d(self.sincos_positions, x.shape[-1]).to(x.device, x.dtype)[index]
+        elif self.position_table is not None:
+            x = x + self.position_table[index].to(x.dtype)
         return x
 
 
@@ -184,6 +182,8 @@ class UniTokMLLMPreTrainedModel(PreTrainedModel):
             hf.init.zeros_(module.q_bias)
             hf.init.zeros_(module.v_bias)
             hf.init.zeros_(module.zero_k_bias)
+        elif isinstance(module, CodeEmbedder) and module.position_table is not None:
+            hf.init.copy_(module.position_table, sincos_2d(*module.position_table.shape))
         elif isinstance(module, SubCodebook):  # reference ``vocab_init = -1`` (overwritten by the tokenizer's books)
             bound = module.codebook.weight.shape[1] ** -0.5 / 36
             hf.init.uniform_(module.codebook.weight, -bound, bound)

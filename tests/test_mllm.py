@@ -188,8 +188,8 @@ def test_image_position_embedding_adds_one_row_per_slot(model, positioned_model)
 def test_sincos_image_positions_encode_row_and_column_and_survive_a_reload(tmp_path):
     """``image_position_embedding="sincos"``: a fixed table, not a parameter (nothing in the state dict), whose first
     half of channels depends on the cell's row only and the second half on its column only, distinct for every cell
-    of the 4x4 grid. A saved and reloaded model embeds exactly as before (the table kept as a non-persistent buffer
-    came back from ``from_pretrained`` uninitialised, and training on it gave NaN)."""
+    of the 4x4 grid. A saved and reloaded model embeds exactly as before: ``from_pretrained`` leaves a non-persistent
+    buffer uninitialised unless ``_init_weights`` fills it (without that, training on it gave NaN)."""
     from mllm.modeling import sincos_2d
 
     table = sincos_2d(16, 32)
