@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig
 from mllm import hf_compat as hf
@@ -112,6 +114,13 @@ def measure(cfg: UniTokMLLMConfig, precision: str, steps: int, device: str, rows
                 loss=out.loss.item())
 
 
+def demo_model_overrides() -> dict:
+    """The demo's changes to the ``tiny`` preset, read from its recipe (so this measures the model `unitok demo`
+    trains); the chat template is not architecture."""
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/recipes/demo-pretrain.yaml").read_text())
+    return {k: v for k, v in recipe["model"].get("overrides", {}).items() if k != "chat_template"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", nargs="+", default=["medium", "tiny"])
@@ -132,7 +141,7 @@ def main() -> None:
           f"{'GFLOP/s':>8} {'of peak':>14} {'loss':>7}")
     for name in args.config:
         rows, row_tokens = BATCHES.get(name, (4, 512))
-        overrides = {"num_key_value_heads": 4} if name == "tiny" else {}  # the demo's tiny model
+        overrides = demo_model_overrides() if name == "tiny" else {}  # the demo's tiny model
         cfg = UniTokMLLMConfig.from_preset(name, **overrides)
         hf.set_attn_implementation(cfg, "sdpa")
         for precision in args.precision:

@@ -170,3 +170,19 @@ def test_batched_answers_equal_one_by_one_chat():
     single = [chat(model, proc, vqa_messages(q), codes[i:i + 1], TextSampling(max_new_tokens=3))
               for i, q in enumerate(questions)]
     assert batched == single
+
+
+def test_stage_keys_ignore_comments_but_not_values(tmp_path):
+    """A stage is retrained when what its config or source says changes, not when a comment is edited."""
+    from train.demo import _digest
+
+    config, source = tmp_path / "demo.yaml", tmp_path / "world.py"
+    config.write_text("optim:\n  lr: 4.0e-4  # a comment\n")
+    source.write_text("X = 1  # a comment\n")
+    before = _digest(config), _digest(source)
+    config.write_text("# a new comment\noptim:\n  lr: 4.0e-4   # a comment,\n             # re-wrapped\n")
+    source.write_text("# a new comment\nX = 1\n")
+    assert (_digest(config), _digest(source)) == before
+    config.write_text("optim:\n  lr: 5.0e-4\n")
+    source.write_text("X = 2\n")
+    assert _digest(config) != before[0] and _digest(source) != before[1]

@@ -18,6 +18,7 @@ and prints the paper's ablation table (PSNR, per-position probe of the codes, VQ
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import inspect
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 logger = logging.getLogger("unitok.demo")
 REPO = Path(__file__).resolve().parents[1]
@@ -337,7 +339,14 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """What a file says, not how: YAML by its parsed content and Python by its syntax tree, so that editing a comment
+    does not retrain a stage (a re-wrapped comment in the tokenizer config cost an 8-minute tokenizer run)."""
+    text = path.read_bytes()
+    if path.suffix in (".yaml", ".yml"):
+        text = json.dumps(yaml.safe_load(text), sort_keys=True, default=str).encode()
+    elif path.suffix == ".py":
+        text = ast.dump(ast.parse(text)).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def _source_digest(*fns) -> str:
