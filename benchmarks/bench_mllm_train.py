@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig
 from mllm import hf_compat as hf
 from train.data.collate import varlen_kwargs
+from train.mllm.config import MLLMTrainConfig
 
 
 def packed_batch(cfg: UniTokMLLMConfig, rows: int, row_tokens: int, seed: int = 0):
@@ -117,8 +117,8 @@ def measure(cfg: UniTokMLLMConfig, precision: str, steps: int, device: str, rows
 def demo_model_overrides() -> dict:
     """The demo's changes to the ``tiny`` preset, read from its recipe (so this measures the model `unitok demo`
     trains); the chat template is not architecture."""
-    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/recipes/demo-pretrain.yaml").read_text())
-    return {k: v for k, v in recipe["model"].get("overrides", {}).items() if k != "chat_template"}
+    recipe = MLLMTrainConfig.load(Path(__file__).resolve().parents[1] / "configs/recipes/demo-pretrain.yaml")
+    return {k: v for k, v in recipe.model.overrides.items() if k != "chat_template"}
 
 
 def main() -> None:
