@@ -10,9 +10,10 @@ import torch
 
 import unitok_cli
 from eval.shapes import world as W
-from eval.shapes.evaluate import answer, tokenizer_psnr, vqa_messages
+from eval.shapes.evaluate import VQA_SUFFIX, answer, tokenizer_psnr, vqa_messages
 from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
 from mllm.generation import TextSampling, chat
+from train.demo import SIZES
 
 
 @pytest.mark.slow
@@ -46,6 +47,16 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     assert draw and all(d["conversations"][1]["value"] == "<image>" and len(d["codes"]) == 1 for d in draw)
     vqa_text = (cache / "data" / "vqa.jsonl").read_text()
     assert not any(t.split("{")[0] in vqa_text for t in W.PARAPHRASES.values())  # held out of training
+    # instruction tuning reads the same conversations without their position questions, the rest in the same order
+    position = {q["question"] for s in W.generate_split("train", SIZES["smoke"].train_scenes, seed=0)
+                for q in W.questions(s, wording="varied") if q["type"] == "position"}
+
+    def asked(name):
+        return [t["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX) for line in open(cache / "data" / name)
+                for t in json.loads(line)["conversations"] if t["from"] == "human"]
+    everything = asked("vqa.jsonl")
+    assert any(q in position for q in everything)
+    assert asked("vqa_without_position.jsonl") == [q for q in everything if q not in position]
 
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache)]) == 0
     again = json.loads((cache / "results.json").read_text())

@@ -7,7 +7,8 @@ Stages (each cached under ``--cache-dir``; a second run reuses every stage whose
                   caption pairs (both directions), prompt->image pairs for GenEval's six tags, VQA conversations;
 3. ``pretrain``   the tiny MLLM on a mixture of captions both ways, prompt->image pairs and VQA conversations
                   (configs/recipes/demo-pretrain.yaml);
-4. ``instruct``   instruction tuning weighted towards VQA, text->image kept in the mix (demo-instruct.yaml);
+4. ``instruct``   instruction tuning weighted towards VQA (without the position questions), text->image kept in
+                  the mix (demo-instruct.yaml);
 5. ``eval``       tokenizer PSNR on test scenes, VQA accuracy on their questions, GenEval-style scores on the test
                   prompt suite; a few answers, a PNG grid of generations, and the score table with stage times.
 
@@ -146,7 +147,7 @@ def draw_request(prompt: str, k: int = 0) -> str:
 def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, template: str) -> None:
     """Codes of every training image, the text tokenizer, and the MLLM's JSONL sources."""
     from eval.shapes import world as W
-    from eval.shapes.evaluate import VQA_SUFFIX, encode_scenes
+    from eval.shapes.evaluate import encode_scenes
     from tokenizer import UniTok
     from train.text_tokenizer import train_sentencepiece
 
@@ -189,21 +190,31 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
             f.write(json.dumps({"id": s.id, "conversations": [{"from": "human", "value": request},
                                                               {"from": "gpt", "value": "<image>"}],
                                 "codes": [c]}) + "\n")
-    with open(out / "vqa.jsonl", "w") as f:
+    # vqa.jsonl: every question (pretraining); vqa_without_position.jsonl: the same conversations without the
+    # position questions (instruction tuning; why in demo-instruct.yaml)
+    with open(out / "vqa.jsonl", "w") as f, open(out / "vqa_without_position.jsonl", "w") as g:
         for s, c in zip(scenes, scene_codes):
             qs = W.questions(s, wording="varied")  # the held-out paraphrases stay out of training
             order = rng.permutation(len(qs))
             # half single-question conversations (the eval format), half multi-turn over the same image
             for chunk in ([[int(i)] for i in order[:3]] + [[int(i) for i in order[3:]]]):
-                if not chunk:
-                    continue
-                conv = []
-                for k, i in enumerate(chunk):
-                    q = qs[i]
-                    prefix = "<image>\n" if k == 0 else ""
-                    conv += [{"from": "human", "value": f"{prefix}{q['question']}{VQA_SUFFIX}"},
-                             {"from": "gpt", "value": q["answer"]}]
-                f.write(json.dumps({"id": s.id, "conversations": conv, "codes": [c]}) + "\n")
+                if chunk:
+                    f.write(vqa_record(s.id, [qs[i] for i in chunk], c))
+                kept = [qs[i] for i in chunk if qs[i]["type"] != "position"]
+                if kept:
+                    g.write(vqa_record(s.id, kept, c))
+
+
+def vqa_record(scene_id: str, questions: list[dict], codes: list) -> str:
+    """One JSONL line: a conversation asking ``questions`` in turn about one image (``<image>`` in the first)."""
+    from eval.shapes.evaluate import VQA_SUFFIX
+
+    conv = []
+    for k, q in enumerate(questions):
+        prefix = "<image>\n" if k == 0 else ""
+        conv += [{"from": "human", "value": f"{prefix}{q['question']}{VQA_SUFFIX}"},
+                 {"from": "gpt", "value": q["answer"]}]
+    return json.dumps({"id": scene_id, "conversations": conv, "codes": [codes]}) + "\n"
 
 
 def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, steps: int, size: DemoSize,
@@ -316,7 +327,7 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
     template = chat_template_name()
     data = Stage(cache, "data", {**base, "tokenizer": tok_key, "scenes": size.train_scenes,
                                  "prompt_scenes": size.prompt_scenes, "chat_template": template,
-                                 "builder": _source_digest(build_data, texts_for_tokenizer),
+                                 "builder": _source_digest(build_data, vqa_record, texts_for_tokenizer),
                                  "world": _digest(REPO / "eval/shapes/world.py")})
     times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed, template))
     pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
