@@ -197,3 +197,20 @@ def test_stage_keys_ignore_comments_but_not_values(tmp_path):
     config.write_text("optim:\n  lr: 5.0e-4\n")
     source.write_text("X = 2\n")
     assert _digest(config) != before[0] and _digest(source) != before[1]
+
+
+def test_builder_keys_ignore_comments_but_not_code(tmp_path, monkeypatch):
+    """The data stage's key digests its builder's code: a comment edit there must not retrain data and pretraining."""
+    import importlib
+
+    from train.demo import _source_digest
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    versions = {"a": "def build(x):\n    return x + 1  # why\n",
+                "b": "def build(x):\n    # a new comment\n    return x + 1  # why,\n    # re-wrapped\n",
+                "c": "def build(x):\n    return x + 2\n"}
+    digests = {}
+    for name, code in versions.items():
+        (tmp_path / f"builder_{name}.py").write_text(code)
+        digests[name] = _source_digest(importlib.import_module(f"builder_{name}").build)
+    assert digests["a"] == digests["b"] != digests["c"]

@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -361,8 +362,10 @@ def _digest(path: Path) -> str:
 
 
 def _source_digest(*fns) -> str:
-    """Changes when the code of ``fns`` changes (not when the helpers they call change)."""
-    return hashlib.sha256("".join(inspect.getsource(fn) for fn in fns).encode()).hexdigest()[:16]
+    """Changes when the code of ``fns`` changes (not when the helpers they call change); by syntax tree, as
+    :func:`_digest`, so a comment edit in a stage's builder does not retrain it and every stage after it."""
+    trees = "".join(ast.dump(ast.parse(textwrap.dedent(inspect.getsource(fn)))) for fn in fns)
+    return hashlib.sha256(trees.encode()).hexdigest()[:16]
 
 
 def show_examples(results: dict, n: int = 6) -> str:
