@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import unitok_cli
 from eval.shapes import world as W
@@ -57,6 +58,23 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     everything = asked("vqa.jsonl")
     assert any(q in position for q in everything)
     assert asked("vqa_without_position.jsonl") == [q for q in everything if q not in position]
+    # the existence run reads every existence question of the training scenes, each a conversation of its own
+    exists = [(q["question"], q["answer"]) for s in W.generate_split("train", SIZES["smoke"].train_scenes, seed=0)
+              for q in W.questions(s, wording="varied") if q["type"] == "exists"]
+    records = [json.loads(line) for line in open(cache / "data" / "exists.jsonl")]
+    assert [(r["conversations"][0]["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX),
+             r["conversations"][1]["value"]) for r in records] == exists
+    assert all(len(r["conversations"]) == 2 and len(r["codes"]) == 1 for r in records)
+    # instruction tuning: the mixture, existence alone, the mixture at half the learning rate, each from the last
+    runs = [yaml.safe_load((cache / "instruct" / name / "run" / "config.yaml").read_text())
+            for name in ("0-demo-instruct", "1-demo-existence", "2-demo-instruct")]
+    assert [r["train"]["steps"] for r in runs] == [3, 2, 2]
+    assert [r["optim"]["lr"] for r in runs] == [1e-3, 1e-3, 5e-4]
+    assert [r["data"]["sources"][0]["paths"][0].rsplit("/", 1)[1] for r in runs] == \
+        ["vqa_without_position.jsonl", "exists.jsonl", "vqa_without_position.jsonl"]
+    assert runs[0]["model"]["pretrained"] == str(cache / "pretrain" / "model")
+    assert runs[1]["model"]["pretrained"] == str(cache / "instruct" / "0-demo-instruct" / "model")
+    assert runs[2]["model"]["pretrained"] == str(cache / "instruct" / "1-demo-existence" / "model")
 
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache)]) == 0
     again = json.loads((cache / "results.json").read_text())
@@ -94,7 +112,6 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     assert rows["reconstruction"]["psnr"] == results["psnr"] and rows["reconstruction"]["vqa"] == \
         results["vqa"]["accuracy"]
     assert all(0 <= v <= 1 for r in rows.values() for v in r["probe"]["codes"].values())
-    import yaml
 
     loss = {name: yaml.safe_load((root / "tokenizer" / "run" / "config.yaml").read_text())["loss"]["clip"]
             for name, root in (("default", cache), ("contrastive", cache / "contrastive"))}
@@ -214,3 +231,13 @@ def test_builder_keys_ignore_comments_but_not_code(tmp_path, monkeypatch):
         (tmp_path / f"builder_{name}.py").write_text(code)
         digests[name] = _source_digest(importlib.import_module(f"builder_{name}").build)
     assert digests["a"] == digests["b"] != digests["c"]
+
+
+def test_stage_times_legend_only_when_a_stage_is_cached():
+    """The "* cached" legend explains a star; a run that trained every stage has no star and no legend."""
+    from train.demo import format_stage_times
+
+    fresh = {"tokenizer": {"seconds": 548.2, "cached": False}, "eval": {"seconds": 41.0, "cached": False}}
+    assert format_stage_times(fresh) == "stage times (s):  tokenizer 548  eval 41"
+    cached = {"tokenizer": {"seconds": 548.2, "cached": True}, "eval": {"seconds": 41.0, "cached": False}}
+    assert format_stage_times(cached) == ("stage times (s):  tokenizer 548*  eval 41   (* cached from an earlier run)")

@@ -8,7 +8,8 @@ Stages (each cached under ``--cache-dir``; a second run reuses every stage whose
 3. ``pretrain``   the tiny MLLM on a mixture of captions both ways, prompt->image pairs and VQA conversations
                   (configs/recipes/demo-pretrain.yaml);
 4. ``instruct``   instruction tuning weighted towards VQA (without the position questions), text->image kept in
-                  the mix (demo-instruct.yaml);
+                  the mix (demo-instruct.yaml), in three runs: the mixture, existence questions alone
+                  (demo-existence.yaml), the mixture again at half the learning rate (why: demo-existence.yaml);
 5. ``eval``       tokenizer PSNR on test scenes, VQA accuracy on their questions, GenEval-style scores on the test
                   prompt suite; a few answers, a PNG grid of generations, and the score table with stage times.
 
@@ -44,7 +45,9 @@ class DemoSize:
     train_scenes: int  # scenes with captions and questions
     prompt_scenes: int  # extra prompt->image scenes per GenEval tag
     pretrain_steps: int
-    instruct_steps: int
+    instruct_steps: int  # the instruction mixture
+    existence_steps: int  # then existence questions alone
+    consolidate_steps: int  # then the mixture again, at half the learning rate
     test_scenes: int
     prompts_per_tag: int
     batch_size: int = 16  # MLLM packed rows per step
@@ -53,11 +56,14 @@ class DemoSize:
 
 SIZES = {
     "smoke": DemoSize(tokenizer_steps=4, train_scenes=48, prompt_scenes=8, pretrain_steps=3, instruct_steps=3,
-                      test_scenes=6, prompts_per_tag=2, batch_size=2, max_tokens=256),
+                      existence_steps=2, consolidate_steps=2, test_scenes=6, prompts_per_tag=2, batch_size=2,
+                      max_tokens=256),
     "small": DemoSize(tokenizer_steps=600, train_scenes=2000, prompt_scenes=400, pretrain_steps=300,
-                      instruct_steps=300, test_scenes=100, prompts_per_tag=10),
+                      instruct_steps=300, existence_steps=100, consolidate_steps=100, test_scenes=100,
+                      prompts_per_tag=10),
     "full": DemoSize(tokenizer_steps=2000, train_scenes=8000, prompt_scenes=4000, pretrain_steps=1500,
-                     instruct_steps=800, test_scenes=200, prompts_per_tag=20),
+                     instruct_steps=500, existence_steps=200, consolidate_steps=300, test_scenes=200,
+                     prompts_per_tag=20),
 }
 
 
@@ -192,10 +198,15 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
                                                               {"from": "gpt", "value": "<image>"}],
                                 "codes": [c]}) + "\n")
     # vqa.jsonl: every question (pretraining); vqa_without_position.jsonl: the same conversations without the
-    # position questions (instruction tuning; why in demo-instruct.yaml)
-    with open(out / "vqa.jsonl", "w") as f, open(out / "vqa_without_position.jsonl", "w") as g:
+    # position questions (instruction tuning; why in demo-instruct.yaml); exists.jsonl: every existence question as a
+    # conversation of its own (the existence run of instruction tuning; why in demo-existence.yaml)
+    with open(out / "vqa.jsonl", "w") as f, open(out / "vqa_without_position.jsonl", "w") as g, \
+            open(out / "exists.jsonl", "w") as e:
         for s, c in zip(scenes, scene_codes):
             qs = W.questions(s, wording="varied")  # the held-out paraphrases stay out of training
+            for q in qs:
+                if q["type"] == "exists":
+                    e.write(vqa_record(s.id, [q], c))
             order = rng.permutation(len(qs))
             # half single-question conversations (the eval format), half multi-turn over the same image
             for chunk in ([[int(i)] for i in order[:3]] + [[int(i) for i in order[3:]]]):
@@ -219,7 +230,7 @@ def vqa_record(scene_id: str, questions: list[dict], codes: list) -> str:
 
 
 def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, steps: int, size: DemoSize,
-               seed: int, init: str | None) -> None:
+               seed: int, init: str | None, recipe_overrides: list[str] = ()) -> None:
     from train.mllm.config import MLLMTrainConfig
     from train.mllm.trainer import train
 
@@ -229,11 +240,29 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
                  f"model.tokenizer={tokenizer_dir}", f"model.text_tokenizer={data_dir / 'text_tokenizer'}"]
     if init:
         overrides += ["model.preset=null", f"model.pretrained={init}"]
+    overrides += list(recipe_overrides)
     cfg = MLLMTrainConfig.load(REPO / "configs" / "recipes" / recipe, overrides)
     cfg = replace(cfg, data=replace(cfg.data, sources=[
         replace(s, paths=[str(data_dir / Path(p).name) for p in s.paths]) for s in cfg.data.sources]))
     train(cfg)  # a run of its own, with its own precision (the trainers reset accelerate's per-process state)
     shutil.move(str(out / "run" / "final"), str(out / "model"))
+
+
+def instruct_phases(size: DemoSize) -> list[tuple[str, int, list[str]]]:
+    """Instruction tuning as (recipe, steps, overrides) runs, each from the previous one's model: the mixture, then
+    existence questions alone, then the mixture again at half the learning rate (why: demo-existence.yaml)."""
+    return [("demo-instruct.yaml", size.instruct_steps, []),
+            ("demo-existence.yaml", size.existence_steps, []),
+            ("demo-instruct.yaml", size.consolidate_steps, ["optim.lr=5.0e-4"])]
+
+
+def instruct(out: Path, phases, data_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int, init: Path) -> None:
+    """Run ``phases`` in turn under ``out/<k>-<recipe>/``; the last one's model is ``out/model``."""
+    for k, (recipe, steps, overrides) in enumerate(phases):
+        run = out / f"{k}-{Path(recipe).stem}"
+        train_mllm(run, recipe, data_dir, tokenizer_dir, steps, size, seed, str(init), overrides)
+        init = run / "model"
+    shutil.move(str(init), str(out / "model"))
 
 
 def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
@@ -335,10 +364,11 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
                                     "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml")})
     times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
                                                      size.pretrain_steps, size, seed, None))
-    ins = Stage(cache, "instruct", {**base, **mllm, "pretrain": pre.key, "steps": size.instruct_steps,
-                                    "recipe": _digest(REPO / "configs/recipes/demo-instruct.yaml")})
-    times["instruct"] = ins.run(lambda d: train_mllm(d, "demo-instruct.yaml", data.dir, tok_dir,
-                                                     size.instruct_steps, size, seed, str(pre.dir / "model")))
+    phases = instruct_phases(size)
+    ins = Stage(cache, "instruct", {**base, **mllm, "pretrain": pre.key,
+                                    "phases": [(steps, _digest(REPO / "configs/recipes" / recipe), overrides)
+                                               for recipe, steps, overrides in phases]})
+    times["instruct"] = ins.run(lambda d: instruct(d, phases, data.dir, tok_dir, size, seed, pre.dir / "model"))
     ev = Stage(cache, "eval", {**base, "instruct": ins.key, "test_scenes": size.test_scenes,
                                "prompts_per_tag": size.prompts_per_tag})
     times["eval"] = ev.run(lambda d: evaluate(d, ins.dir / "model", tok_dir, size, seed))
@@ -403,6 +433,13 @@ def format_chat_drawing(results: dict) -> list[str]:
     return lines + [""]
 
 
+def format_stage_times(stages: dict) -> str:
+    """One line of per-stage seconds; a stage taken from the cache is starred, and the legend shows only then."""
+    line = "stage times (s):  " + "  ".join(f"{k} {v['seconds']:.0f}{'*' if v['cached'] else ''}"
+                                         for k, v in stages.items())
+    return line + ("   (* cached from an earlier run)" if any(v["cached"] for v in stages.values()) else "")
+
+
 def format_table(results: dict) -> str:
     from eval.shapes.evaluate import format_scores
 
@@ -413,9 +450,7 @@ def format_table(results: dict) -> str:
              "",
              format_diagnostics(results), "",
              *format_chat_drawing(results),
-             "stage times (s):  " + "  ".join(f"{k} {v['seconds']:.0f}{'*' if v['cached'] else ''}"
-                                             for k, v in results["stages"].items())
-             + "   (* cached from an earlier run)",
+             format_stage_times(results["stages"]),
              f"total {sum(v['seconds'] for v in results['stages'].values()) / 60:.1f} min of compute;  "
              f"grid of generations: {results['paths']['grid']}",
              f"chat with it:  unitok chat --model {results['paths']['model']} --tokenizer "
@@ -454,6 +489,10 @@ def format_ablation(rows: dict) -> str:
     return "\n".join(lines)
 
 
+STEP_FIELDS = ("tokenizer_steps", "pretrain_steps", "instruct_steps", "existence_steps", "consolidate_steps",
+               "train_scenes", "test_scenes", "prompts_per_tag")  # DemoSize fields the command line can override
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="runs/demo", help="stages are cached here and reused by later runs")
     p.add_argument("--size", choices=sorted(SIZES), default="full",
@@ -464,8 +503,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", action="store_true",
                    help="the paper's ablation: reconstruction-only vs reconstruction + contrastive tokenizers, each "
                         "followed by the same MLLM stages (the second under CACHE_DIR/contrastive)")
-    for field in ("tokenizer_steps", "pretrain_steps", "instruct_steps", "train_scenes", "test_scenes",
-                  "prompts_per_tag"):
+    for field in STEP_FIELDS:
         p.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help=f"override the size's {field}")
 
 
@@ -474,8 +512,7 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     size = SIZES[args.size]
-    changes = {k: getattr(args, k) for k in ("tokenizer_steps", "pretrain_steps", "instruct_steps", "train_scenes",
-                                             "test_scenes", "prompts_per_tag") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in STEP_FIELDS if getattr(args, k) is not None}
     size = replace(size, **changes)
     t = time.perf_counter()
     if args.ablation:
