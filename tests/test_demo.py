@@ -49,8 +49,9 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     vqa_text = (cache / "data" / "vqa.jsonl").read_text()
     assert not any(t.split("{")[0] in vqa_text for t in W.PARAPHRASES.values())  # held out of training
     # instruction tuning reads the same conversations without their position questions, the rest in the same order
-    position = {q["question"] for s in W.generate_split("train", SIZES["smoke"].train_scenes, seed=0)
-                for q in W.questions(s, wording="varied") if q["type"] == "position"}
+    train_questions = [q for s in W.generate_split("train", SIZES["smoke"].train_scenes, seed=0)
+                       for q in W.questions(s, wording="varied")]
+    position = {q["question"] for q in train_questions if q["type"] == "position"}
 
     def asked(name):
         return [t["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX) for line in open(cache / "data" / name)
@@ -59,8 +60,7 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     assert any(q in position for q in everything)
     assert asked("vqa_without_position.jsonl") == [q for q in everything if q not in position]
     # the existence run reads every existence question of the training scenes, each a conversation of its own
-    exists = [(q["question"], q["answer"]) for s in W.generate_split("train", SIZES["smoke"].train_scenes, seed=0)
-              for q in W.questions(s, wording="varied") if q["type"] == "exists"]
+    exists = [(q["question"], q["answer"]) for q in train_questions if q["type"] == "exists"]
     records = [json.loads(line) for line in open(cache / "data" / "exists.jsonl")]
     assert [(r["conversations"][0]["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX),
              r["conversations"][1]["value"]) for r in records] == exists

@@ -250,10 +250,13 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
 
 def instruct_phases(size: DemoSize) -> list[tuple[str, int, list[str]]]:
     """Instruction tuning as (recipe, steps, overrides) runs, each from the previous one's model: the mixture, then
-    existence questions alone, then the mixture again at half the learning rate (why: demo-existence.yaml)."""
+    existence questions alone, then the mixture again at half its learning rate (why: demo-existence.yaml)."""
+    from train.mllm.config import MLLMTrainConfig
+
+    mixture_lr = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-instruct.yaml").optim.lr
     return [("demo-instruct.yaml", size.instruct_steps, []),
             ("demo-existence.yaml", size.existence_steps, []),
-            ("demo-instruct.yaml", size.consolidate_steps, ["optim.lr=5.0e-4"])]
+            ("demo-instruct.yaml", size.consolidate_steps, [f"optim.lr={mixture_lr / 2}"])]
 
 
 def instruct(out: Path, phases, data_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int, init: Path) -> None:
