@@ -441,3 +441,48 @@ def test_probe_targets_put_each_object_in_its_position():
     assert fit_probe(x[:300], y[:300], x[300:], y[300:]) > 0.95  # a linearly separable target is read
     assert fit_probe(x[:300], torch.randint(0, 2, (300,), generator=g), x[300:],
                      torch.randint(0, 2, (100,), generator=g)) < 0.7  # noise is not
+
+
+def test_object_conditioning_scores_the_object_position(tmp_path):
+    """The text-to-image probe's object NLL (README: "generation ignores the colour word") is the NLL of exactly the
+    codes at the object's position: codes after it leave it unchanged, its own change it, and over all positions it
+    sums to the model's image cross-entropy. object_conditioning's three conditions are that NLL for the prompt as
+    given, the prompt with the attribute word swapped, and the earlier positions' codes swapped."""
+    import dataclasses
+
+    from eval.shapes.evaluate import encode_scenes
+    from eval.shapes.probe import cell_index, object_conditioning, object_nll
+    from mllm.cli import load_mllm, load_unitok
+    from mllm_train_helpers import write_tiny_pair
+
+    root = write_tiny_pair(tmp_path, spread=1.0)
+    model, processor = load_mllm(str(root / "mllm"), "cpu")
+    unitok = load_unitok(str(root / "unitok"), model, model.device)
+    scene = W.Scene("s", (W.Obj("circle", "red", "large", 40, 24),))  # cell 6
+    j = cell_index(scene.objects[0])
+    assert j == 6
+    codes = encode_scenes(unitok, [scene])[0]
+    K, N = codes.shape
+    prompt = "a photo of a red circle"
+    nll = [object_nll(model, processor, prompt, codes, p) for p in range(N)]
+    e = processor.text_to_image(prompt)
+    with torch.no_grad():
+        ce = model(input_ids=torch.tensor([e.input_ids]), image_codes=codes[None],
+                   labels=torch.tensor([e.labels])).image_ce
+    assert sum(nll) / (K * N) == pytest.approx(float(ce), rel=1e-5)
+    later, own = codes.clone(), codes.clone()
+    later[:, j + 1:] = (later[:, j + 1:] + 1) % model.config.codebook_size
+    own[:, j] = (own[:, j] + 1) % model.config.codebook_size
+    assert object_nll(model, processor, prompt, later, j) == pytest.approx(nll[j], rel=1e-5)
+    assert abs(object_nll(model, processor, prompt, own, j) - nll[j]) > 1e-3
+
+    corner = W.Scene("c", (W.Obj("square", "blue", "small", 8, 8),))  # position 0: no codes before it, skipped
+    c = object_conditioning(model, processor, unitok, [(prompt, scene), ("a photo of a blue square", corner)],
+                            "color", W.COLOR_NAMES)
+    assert c["n"] == 1 and c["matched"] == pytest.approx(nll[j], rel=1e-6)
+    orange = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], color="orange"),))
+    assert c["prompt_swapped"] == pytest.approx(object_nll(model, processor, "a photo of an orange circle", codes, j),
+                                                rel=1e-6)
+    mixed = encode_scenes(unitok, [orange])[0]
+    mixed[:, j:] = codes[:, j:]
+    assert c["context_swapped"] == pytest.approx(object_nll(model, processor, prompt, mixed, j), rel=1e-6)

@@ -14,7 +14,9 @@ shape and size of the occupant; and the position's own cell index from an occupi
 drawn as it says, fed teacher-forced. (a) A probe of the backbone state that predicts the object's cell (the last
 state before its codes), for the prompt's colour and shape: what the model carries from the prompt to where it
 draws. (b) The image NLL of the scene against the same scene recoloured to every other colour (reshaped to every
-other shape): how often the prompt's colour (shape) is the most likely, and its mean rank.
+other shape): how often the prompt's colour (shape) is the most likely, and its mean rank. (c) Where the object's
+colour (shape) comes from (:func:`object_conditioning`): its codes' NLL with the prompt's word swapped, and with the
+codes before it swapped.
 """
 from __future__ import annotations
 
@@ -142,7 +144,48 @@ def prompt_routing(model, processor, unitok, n: int = 600, n_ranked: int = 60, s
             ranks.append(int((nll < nll[values.index(getattr(o, attr))]).sum()))
         result["likelihood"][attr] = {"best": float(np.mean([r == 0 for r in ranks])),
                                       "mean_rank": float(np.mean(ranks)), "chance_rank": (len(values) - 1) / 2}
+    result["object_nll"] = {attr: object_conditioning(model, processor, unitok, items[:n_ranked], attr, values)
+                            for attr, values in (("color", W.COLOR_NAMES), ("shape", W.SHAPES))}
     return result
+
+
+def object_nll(model, processor, prompt: str, codes: torch.Tensor, position: int) -> float:
+    """Teacher-forced NLL (nats, summed over the K sub-codes) of image ``codes`` ``[K, N]``'s codes at ``position``
+    after ``prompt``: what the model, given the prompt and the codes before it, assigns to what is drawn there."""
+    e = processor.text_to_image(prompt)
+    ids, labels = (torch.tensor([t], device=model.device) for t in (e.input_ids, e.labels))
+    with torch.no_grad():
+        logits = model(input_ids=ids, image_codes=codes[None].to(model.device), labels=labels).image_logits
+    logp = F.log_softmax(logits[position].float(), -1)  # [K, codebook]: the targets of the image's positions in order
+    return -float(logp.gather(1, codes[:, position, None].long().to(logp.device)).sum())
+
+
+def object_conditioning(model, processor, unitok, items: list[tuple[str, W.Scene]], attr: str,
+                        values: tuple[str, ...]) -> dict[str, float]:
+    """Where the object's ``attr`` comes from when the model draws it. For single-object prompts (object not at
+    position 0), the object's NLL (:func:`object_nll`) as the prompt says (``matched``); with the prompt's ``attr``
+    word swapped for another value (``prompt_swapped``: a model that reads the word pays for it); and with the codes
+    of the positions before the object taken from the scene with the other value (``context_swapped``: the
+    tokenizer's encoder is global, so the empty cells' codes also carry the object's look, a cue a teacher-forced
+    model can read instead of the prompt). Means over the items."""
+    rows = []
+    for prompt, scene in items:
+        o = scene.objects[0]
+        j = cell_index(o)
+        if j == 0:
+            continue
+        other = values[(values.index(getattr(o, attr)) + 1) % len(values)]
+        swapped = dataclasses.replace(o, **{attr: other})
+        codes, codes_other = encode_scenes(unitok, [scene, dataclasses.replace(scene, objects=(swapped,))])
+        mixed = codes_other.clone()
+        mixed[:, j:] = codes[:, j:]  # the object and what follows as drawn, the positions before it as for `other`
+        rows.append((object_nll(model, processor, prompt, codes, j),
+                     object_nll(model, processor, f"a photo of {W.with_article(swapped.color + ' ' + swapped.shape)}",
+                                codes, j),
+                     object_nll(model, processor, prompt, mixed, j)))
+    matched, prompt_swapped, context_swapped = np.mean(rows, 0) if rows else (float("nan"),) * 3
+    return {"matched": float(matched), "prompt_swapped": float(prompt_swapped),
+            "context_swapped": float(context_swapped), "n": len(rows)}
 
 
 def main() -> int:
@@ -175,6 +218,10 @@ def main() -> int:
                   f"{lk['mean_rank']:.2f} (chance {lk['chance_rank']:.1f})")
             print(f"  {'':<6} probe at that position by depth (the input, then after each layer; the last is the "
                   "normed output): " + ", ".join(f"{100 * v:.0f}" for v in routing["probe_by_layer"][attr]))
+            c = routing["object_nll"][attr]
+            print(f"  {'':<6} NLL of the object's codes ({c['n']} prompts, nats over its sub-codes): as prompted "
+                  f"{c['matched']:.2f}, the prompt's {attr} word swapped {c['prompt_swapped']:.2f}, the codes "
+                  f"before it as for the swapped {attr} {c['context_swapped']:.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
