@@ -107,8 +107,7 @@ def prompt_routing(model, processor, unitok, n: int = 600, n_ranked: int = 60, s
     items = []
     for _ in range(n):
         shape, colour = W.SHAPES[rng.integers(len(W.SHAPES))], W.COLOR_NAMES[rng.integers(len(W.COLOR_NAMES))]
-        meta = {"tag": "colors", "include": [{"class": shape, "count": 1, "color": colour}],
-                "prompt": f"a photo of {W.with_article(colour + ' ' + shape)}"}
+        meta = W.color_prompt(shape, colour)
         items.append((meta["prompt"], W.scene_for_prompt(meta, rng)))
     if len({len(processor.text_to_image(q)) for q, _ in items}) != 1:
         raise ValueError("the probe batches its prompts unpadded: every colour and shape word must be one token")
@@ -180,8 +179,7 @@ def object_conditioning(model, processor, unitok, items: list[tuple[str, W.Scene
         mixed = codes_other.clone()
         mixed[:, j:] = codes[:, j:]  # the object and what follows as drawn, the positions before it as for `other`
         rows.append((object_nll(model, processor, prompt, codes, j),
-                     object_nll(model, processor, f"a photo of {W.with_article(swapped.color + ' ' + swapped.shape)}",
-                                codes, j),
+                     object_nll(model, processor, W.color_prompt(swapped.shape, swapped.color)["prompt"], codes, j),
                      object_nll(model, processor, prompt, mixed, j)))
     matched, prompt_swapped, context_swapped = np.mean(rows, 0) if rows else (float("nan"),) * 3
     return {"matched": float(matched), "prompt_swapped": float(prompt_swapped),

@@ -37,7 +37,7 @@ __all__ = [
     "WorldConfig", "DEFAULT_CONFIG", "Obj", "Background", "Scene",
     "shape_mask", "render", "make_scene", "scene_split", "generate_split", "layout_key",
     "relative_position", "relation_strength",
-    "with_article", "make_plural", "captions", "questions", "t2i_prompts", "scene_record",
+    "with_article", "make_plural", "captions", "questions", "t2i_prompts", "color_prompt", "scene_record",
     "geneval_prompts", "enumerate_prompts", "scene_for_prompt",
 ]
 
@@ -563,7 +563,8 @@ def _prompt_count(s: str, n: int) -> dict[str, Any]:
                  exclude=[{"class": s, "count": n + 1}])
 
 
-def _prompt_color(s: str, c: str) -> dict[str, Any]:
+def color_prompt(s: str, c: str) -> dict[str, Any]:
+    """GenEval's ``colors`` metadata for one ``c``-coloured ``s``: "a photo of a red circle"."""
     return _meta("colors", [{"class": s, "count": 1, "color": c}], f"a photo of {with_article(c)} {s}")
 
 
@@ -593,7 +594,7 @@ def t2i_prompts(scene: Scene, config: WorldConfig = DEFAULT_CONFIG) -> list[dict
     out = [_prompt_single(s) for s in shapes]
     out += [_prompt_two(a, b) for a in shapes for b in shapes if a != b]
     out += [_prompt_count(s, len(by_shape[s])) for s in shapes if 2 <= len(by_shape[s]) <= 4]
-    out += [_prompt_color(s, by_shape[s][0].color) for s in uniq]
+    out += [color_prompt(s, by_shape[s][0].color) for s in uniq]
     for a in uniq:
         for b in uniq:
             if a != b:
@@ -621,7 +622,7 @@ def enumerate_prompts(tag: str) -> list[dict[str, Any]]:
     if tag == "counting":
         return [_prompt_count(s, n) for s in SHAPES for n in (2, 3, 4)]
     if tag == "colors":
-        return [_prompt_color(s, c) for s in SHAPES for c in COLOR_NAMES]
+        return [color_prompt(s, c) for s in SHAPES for c in COLOR_NAMES]
     if tag == "position":
         return [_prompt_position(a, r, b) for a in SHAPES for r in RELATIONS for b in SHAPES if a != b]
     if tag == "color_attr":
@@ -647,7 +648,7 @@ def geneval_prompts(n_per_tag: int = 100, seed: int = 43) -> list[dict[str, Any]
         samples.append(_prompt_count(SHAPES[s], int(rng.integers(2, 4, endpoint=True))))
     for _ in range(n_per_tag):
         s = int(rng.choice(ns))
-        samples.append(_prompt_color(SHAPES[s], COLOR_NAMES[int(rng.choice(nc))]))
+        samples.append(color_prompt(SHAPES[s], COLOR_NAMES[int(rng.choice(nc))]))
     for _ in range(n_per_tag):
         a, b = rng.choice(ns, size=2, replace=False)
         samples.append(_prompt_position(SHAPES[a], RELATIONS[int(rng.choice(len(RELATIONS)))], SHAPES[b]))
