@@ -59,27 +59,27 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     everything = asked("vqa.jsonl")
     assert any(q in position for q in everything)
     assert asked("vqa_without_position.jsonl") == [q for q in everything if q not in position]
-    # the second run reads every existence and every count question of the training scenes, each a conversation
+    # the second run reads every existence, count and colour question of the training scenes, each a conversation
     # of its own
-    for qtype in ("exists", "count"):
+    for qtype in ("exists", "count", "color"):
         expected = [(q["question"], q["answer"]) for q in train_questions if q["type"] == qtype]
         records = [json.loads(line) for line in open(cache / "data" / f"{qtype}.jsonl")]
         assert expected and [(r["conversations"][0]["value"].removeprefix("<image>\n").removesuffix(VQA_SUFFIX),
                               r["conversations"][1]["value"]) for r in records] == expected
         assert all(len(r["conversations"]) == 2 and len(r["codes"]) == 1 for r in records)
-    # instruction tuning: the mixture, existence and count alone, the mixture at half the learning rate, each from
-    # the last
+    # instruction tuning: the mixture, existence, count and colour alone, the mixture at half the learning rate,
+    # each from the last
     runs = [yaml.safe_load((cache / "instruct" / name / "run" / "config.yaml").read_text())
-            for name in ("0-demo-instruct", "1-demo-exists-count", "2-demo-instruct")]
+            for name in ("0-demo-instruct", "1-demo-selection", "2-demo-instruct")]
     assert [r["train"]["steps"] for r in runs] == [3, 2, 2]
     assert [r["optim"]["lr"] for r in runs] == [1e-3, 1e-3, 5e-4]
     assert [[p.rsplit("/", 1)[1] for s in r["data"]["sources"] for p in s["paths"]] for r in runs] == \
         [["vqa_without_position.jsonl", "draw.jsonl", "prompts.jsonl", "captions.jsonl"],
-         ["exists.jsonl", "count.jsonl"],
+         ["exists.jsonl", "count.jsonl", "color.jsonl"],
          ["vqa_without_position.jsonl", "draw.jsonl", "prompts.jsonl", "captions.jsonl"]]
     assert runs[0]["model"]["pretrained"] == str(cache / "pretrain" / "model")
     assert runs[1]["model"]["pretrained"] == str(cache / "instruct" / "0-demo-instruct" / "model")
-    assert runs[2]["model"]["pretrained"] == str(cache / "instruct" / "1-demo-exists-count" / "model")
+    assert runs[2]["model"]["pretrained"] == str(cache / "instruct" / "1-demo-selection" / "model")
 
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache)]) == 0
     again = json.loads((cache / "results.json").read_text())

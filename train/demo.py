@@ -8,8 +8,8 @@ Stages (each cached under ``--cache-dir``; a second run reuses every stage whose
 3. ``pretrain``   the tiny MLLM on a mixture of captions both ways, prompt->image pairs and VQA conversations
                   (configs/recipes/demo-pretrain.yaml);
 4. ``instruct``   instruction tuning weighted towards VQA (without the position questions), text->image kept in
-                  the mix (demo-instruct.yaml), in three runs: the mixture, existence and count questions alone
-                  (demo-exists-count.yaml), the mixture again at half the learning rate (why: demo-exists-count.yaml);
+                  the mix (demo-instruct.yaml), in three runs: the mixture, existence, count and colour questions
+                  alone (demo-selection.yaml), the mixture again at half the learning rate (why: demo-selection.yaml);
 5. ``eval``       tokenizer PSNR on test scenes, VQA accuracy on their questions, GenEval-style scores on the test
                   prompt suite; a few answers, a PNG grid of generations, and the score table with stage times.
 
@@ -46,7 +46,7 @@ class DemoSize:
     prompt_scenes: int  # extra prompt->image scenes per GenEval tag
     pretrain_steps: int
     instruct_steps: int  # the instruction mixture
-    exists_count_steps: int  # then existence and count questions alone
+    selection_steps: int  # then existence, count and colour questions alone
     consolidate_steps: int  # then the mixture again, at half the learning rate
     test_scenes: int
     prompts_per_tag: int
@@ -56,13 +56,13 @@ class DemoSize:
 
 SIZES = {
     "smoke": DemoSize(tokenizer_steps=4, train_scenes=48, prompt_scenes=8, pretrain_steps=3, instruct_steps=3,
-                      exists_count_steps=2, consolidate_steps=2, test_scenes=6, prompts_per_tag=2, batch_size=2,
+                      selection_steps=2, consolidate_steps=2, test_scenes=6, prompts_per_tag=2, batch_size=2,
                       max_tokens=256),
     "small": DemoSize(tokenizer_steps=600, train_scenes=2000, prompt_scenes=400, pretrain_steps=300,
-                      instruct_steps=300, exists_count_steps=100, consolidate_steps=100, test_scenes=100,
+                      instruct_steps=300, selection_steps=100, consolidate_steps=100, test_scenes=100,
                       prompts_per_tag=10),
     "full": DemoSize(tokenizer_steps=2000, train_scenes=8000, prompt_scenes=4000, pretrain_steps=1500,
-                     instruct_steps=500, exists_count_steps=300, consolidate_steps=300, test_scenes=200,
+                     instruct_steps=500, selection_steps=300, consolidate_steps=300, test_scenes=200,
                      prompts_per_tag=20),
 }
 
@@ -198,12 +198,13 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
                                                               {"from": "gpt", "value": "<image>"}],
                                 "codes": [c]}) + "\n")
     # vqa.jsonl: every question (pretraining); vqa_without_position.jsonl: the same conversations without the
-    # position questions (instruction tuning; why in demo-instruct.yaml); exists.jsonl, count.jsonl: every existence
-    # and every count question, each a conversation of its own (the second run of instruction tuning; why in
-    # demo-exists-count.yaml)
+    # position questions (instruction tuning; why in demo-instruct.yaml); exists.jsonl, count.jsonl, color.jsonl:
+    # every existence, count and colour question, each a conversation of its own (the second run of instruction
+    # tuning; why in demo-selection.yaml)
     with open(out / "vqa.jsonl", "w") as f, open(out / "vqa_without_position.jsonl", "w") as g, \
-            open(out / "exists.jsonl", "w") as exists, open(out / "count.jsonl", "w") as count:
-        alone = {"exists": exists, "count": count}
+            open(out / "exists.jsonl", "w") as exists, open(out / "count.jsonl", "w") as count, \
+            open(out / "color.jsonl", "w") as color:
+        alone = {"exists": exists, "count": count, "color": color}
         for s, c in zip(scenes, scene_codes):
             qs = W.questions(s, wording="varied")  # the held-out paraphrases stay out of training
             for q in qs:
@@ -252,13 +253,13 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
 
 def instruct_phases(size: DemoSize) -> list[tuple[str, int, list[str]]]:
     """Instruction tuning as (recipe, steps, overrides) runs, each from the previous one's model: the mixture, then
-    existence and count questions alone, then the mixture again at half its learning rate (why:
-    demo-exists-count.yaml)."""
+    existence, count and colour questions alone, then the mixture again at half its learning rate (why:
+    demo-selection.yaml)."""
     from train.mllm.config import MLLMTrainConfig
 
     mixture_lr = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-instruct.yaml").optim.lr
     return [("demo-instruct.yaml", size.instruct_steps, []),
-            ("demo-exists-count.yaml", size.exists_count_steps, []),
+            ("demo-selection.yaml", size.selection_steps, []),
             ("demo-instruct.yaml", size.consolidate_steps, [f"optim.lr={mixture_lr / 2}"])]
 
 
@@ -495,7 +496,7 @@ def format_ablation(rows: dict) -> str:
     return "\n".join(lines)
 
 
-STEP_FIELDS = ("tokenizer_steps", "pretrain_steps", "instruct_steps", "exists_count_steps", "consolidate_steps",
+STEP_FIELDS = ("tokenizer_steps", "pretrain_steps", "instruct_steps", "selection_steps", "consolidate_steps",
                "train_scenes", "test_scenes", "prompts_per_tag")  # DemoSize fields the command line can override
 
 
