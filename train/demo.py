@@ -28,6 +28,7 @@ import logging
 import shutil
 import textwrap
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -201,10 +202,8 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
     # position questions (instruction tuning; why in demo-instruct.yaml); exists.jsonl, count.jsonl, color.jsonl:
     # every existence, count and colour question, each a conversation of its own (the second run of instruction
     # tuning; why in demo-selection.yaml)
-    with open(out / "vqa.jsonl", "w") as f, open(out / "vqa_without_position.jsonl", "w") as g, \
-            open(out / "exists.jsonl", "w") as exists, open(out / "count.jsonl", "w") as count, \
-            open(out / "color.jsonl", "w") as color:
-        alone = {"exists": exists, "count": count, "color": color}
+    with open(out / "vqa.jsonl", "w") as f, open(out / "vqa_without_position.jsonl", "w") as g, ExitStack() as stack:
+        alone = {t: stack.enter_context(open(out / f"{t}.jsonl", "w")) for t in ("exists", "count", "color")}
         for s, c in zip(scenes, scene_codes):
             qs = W.questions(s, wording="varied")  # the held-out paraphrases stay out of training
             for q in qs:
