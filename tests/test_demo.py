@@ -123,6 +123,24 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     assert loss == {"default": 0.0, "contrastive": 1.0}
     assert "| reconstruction + contrastive |" in table and "| reconstruction |" in table
 
+    # --curves: the MLLM stages again, now exporting snapshots (which change nothing they train), each scored
+    assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache), "--curves"]) == 0
+    assert "VQA learning curves" in capsys.readouterr().out
+    traced = json.loads((cache / "results.json").read_text())
+    assert [k for k, s in traced["stages"].items() if not s["cached"]] == ["pretrain", "instruct", "eval", "curves"]
+    assert traced["vqa"]["per_type"] == results["vqa"]["per_type"]
+    curves = traced["curves"]
+    # pretraining 3 steps, instruction tuning 3 + 2 + 2: a snapshot at every step (10 points per run at most)
+    assert [(c["run"], c["step"]) for c in curves] == [
+        ("pretrain", 1), ("pretrain", 2), ("pretrain", 3), ("0-demo-instruct", 4), ("0-demo-instruct", 5),
+        ("0-demo-instruct", 6), ("1-demo-selection", 7), ("1-demo-selection", 8), ("2-demo-instruct", 9),
+        ("2-demo-instruct", 10)]
+    assert curves[2]["model"] == str(cache / "pretrain" / "model")
+    assert curves[-1]["model"] == str(cache / "instruct" / "model")
+    # the last point is the final model, scored exactly as the eval stage scores it
+    assert curves[-1]["test"] == {"accuracy": traced["vqa"]["accuracy"], "per_type": traced["vqa"]["per_type"]}
+    assert curves[-1]["train"] == traced["vqa_diagnostics"]["train_scenes"]
+
 
 class _Identity(torch.nn.Module):
     """A 'tokenizer' whose round trip is exact except for one flipped pixel value."""

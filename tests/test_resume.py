@@ -11,6 +11,7 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mllm_train_helpers import REPO, losses, make_data, run_cli, unitok_cmd, write_recipe
 from train.common.checkpoint import FAULT_ENV, write_manifest
@@ -102,3 +103,33 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(kille
     assert [resumed[s] for s in range(1, 9)] == [killed_run.reference[s] for s in range(1, 9)]
     assert not (run / "checkpoints" / "step-00000004").exists() or \
         _tree(run / "checkpoints" / "step-00000004") == older
+
+
+def test_snapshots_are_the_model_at_their_step_and_leave_training_unchanged(tmp_path):
+    """``train.snapshot_every`` (the demo's learning curves) exports the model every N steps: each snapshot holds the
+    weights the checkpoint of that step holds, and a run with snapshots trains exactly as one without."""
+    from safetensors.torch import load_file
+
+    from train.mllm.config import MLLMTrainConfig
+    from train.mllm.trainer import snapshots, train
+
+    data = make_data(tmp_path / "data")
+    runs = {}
+    for name, every in (("plain", 0), ("snap", 2)):
+        recipe = write_recipe(tmp_path, data, tmp_path / name, train=dict(steps=5, save_every=2, keep_last=3,
+                                                                          snapshot_every=every))
+        runs[name] = [h["loss"] for h in train(MLLMTrainConfig.load(recipe))]
+    assert runs["snap"] == runs["plain"]
+    final = {n: load_file(tmp_path / n / "final" / "model.safetensors") for n in runs}
+    assert final["snap"].keys() == final["plain"].keys()
+    assert all(torch.equal(final["snap"][k], final["plain"][k]) for k in final["plain"])
+
+    found = snapshots(tmp_path / "snap")
+    assert [step for step, _ in found] == [2, 4]  # step 5 is the final export
+    assert snapshots(tmp_path / "plain") == []
+    for step, folder in found:
+        snap = load_file(folder / "model.safetensors")
+        at_step = load_file(tmp_path / "snap" / "checkpoints" / f"step-{step:08d}" / "accelerate" / "model.safetensors")
+        assert snap.keys() == at_step.keys()
+        assert all(torch.equal(snap[k], at_step[k]) for k in snap)
+        assert any(not torch.equal(snap[k], final["snap"][k]) for k in snap)  # not the final weights

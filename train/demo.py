@@ -14,6 +14,8 @@ Stages (each cached under ``--cache-dir``; a second run reuses every stage whose
                   prompt suite; a few answers, a PNG grid of generations, and the score table with stage times.
 
 ``--size smoke`` runs every stage in seconds (the test suite does); ``--size full`` is the README's figure.
+``--curves`` adds per-type VQA learning curves: the MLLM runs export snapshots (``train.snapshot_every``), each
+scored on the test scenes and as many training scenes (``curves/curves.json``, and a table in the printout).
 ``--ablation`` runs the whole chain twice, after a reconstruction-only and a reconstruction + contrastive tokenizer,
 and prints the paper's ablation table (PSNR, per-position probe of the codes, VQA, GenEval-style).
 """
@@ -262,13 +264,68 @@ def instruct_phases(size: DemoSize) -> list[tuple[str, int, list[str]]]:
             ("demo-instruct.yaml", size.consolidate_steps, [f"optim.lr={mixture_lr / 2}"])]
 
 
+def phase_dir(out: Path, k: int, recipe: str) -> Path:
+    return out / f"{k}-{Path(recipe).stem}"
+
+
 def instruct(out: Path, phases, data_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int, init: Path) -> None:
     """Run ``phases`` in turn under ``out/<k>-<recipe>/``; the last one's model is ``out/model``."""
     for k, (recipe, steps, overrides) in enumerate(phases):
-        run = out / f"{k}-{Path(recipe).stem}"
+        run = phase_dir(out, k, recipe)
         train_mllm(run, recipe, data_dir, tokenizer_dir, steps, size, seed, str(init), overrides)
         init = run / "model"
     shutil.move(str(init), str(out / "model"))
+
+
+# ================================================================================================ learning curves
+CURVE_POINTS = 10  # snapshots per MLLM run with --curves; a run's final model is its last point
+
+
+def snapshot_override(steps: int) -> list[str]:
+    return [f"train.snapshot_every={max(1, steps // CURVE_POINTS)}"]
+
+
+def learning_curves(out: Path, runs: list[tuple[str, int, Path, Path]], tokenizer_dir: Path, size: DemoSize,
+                    seed: int) -> None:
+    """Per-type VQA of every snapshot of the MLLM runs (``--curves``) on the demo's test scenes and on as many
+    training scenes (the eval stage's ``train_scenes``), into ``out/curves.json``. ``runs``: (name, steps, the
+    stage folder holding ``run/``, its final model) in training order; steps are counted from the first run."""
+    from tqdm import tqdm
+
+    from eval.shapes import world as W
+    from eval.shapes.evaluate import evaluate_vqa, test_scenes
+    from mllm.cli import load_mllm, load_unitok
+    from train.mllm.trainer import snapshots
+
+    points, offset = [], 0
+    for name, steps, stage_dir, final in runs:
+        points += [(name, offset + step, folder) for step, folder in snapshots(stage_dir / "run")]
+        points.append((name, offset + steps, final))
+        offset += steps
+    scenes = {"test": test_scenes(size.test_scenes, seed),
+              "train": W.generate_split("train", size.test_scenes, seed=seed)}
+    unitok, curves = None, []
+    for name, step, folder in tqdm(points, desc="curves: scoring snapshots", unit="model", dynamic_ncols=True):
+        model, processor = load_mllm(str(folder), device="cpu")
+        unitok = unitok or load_unitok(str(tokenizer_dir), model, model.device)
+        point = {"run": name, "step": step, "model": str(folder)}
+        for split, split_scenes in scenes.items():
+            r = evaluate_vqa(model, processor, unitok, split_scenes)
+            point[split] = {"accuracy": r["accuracy"], "per_type": r["per_type"]}
+        curves.append(point)
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+
+
+def format_curves(curves: list[dict]) -> str:
+    """VQA per type (test scenes) and overall (test, training scenes) against the MLLM step."""
+    types = sorted(curves[0]["test"]["per_type"])
+    lines = ["VQA learning curves (%, test scenes; train: training scenes)",
+             f"  {'step':>5}  {'run':<18}" + "".join(f"{t:>9}" for t in types) + f"{'all':>9}{'train':>9}"]
+    for c in curves:
+        lines.append(f"  {c['step']:>5}  {c['run']:<18}" +
+                     "".join(f"{100 * c['test']['per_type'].get(t, float('nan')):9.1f}" for t in types) +
+                     f"{100 * c['test']['accuracy']:9.1f}{100 * c['train']['accuracy']:9.1f}")
+    return "\n".join(lines)
 
 
 def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
@@ -344,7 +401,7 @@ def evaluate_chat_drawing(model, processor, unitok, prompts: list[dict], seed: i
 
 # ================================================================================================ driver
 def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = None,
-             tokenizer: str | None = None, tokenizer_overrides: list[str] = ()) -> dict:
+             tokenizer: str | None = None, tokenizer_overrides: list[str] = (), curves: bool = False) -> dict:
     if threads:
         torch.set_num_threads(threads)
     cache.mkdir(parents=True, exist_ok=True)
@@ -366,11 +423,17 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
                                  "builder": _source_digest(build_data, vqa_record, texts_for_tokenizer),
                                  "world": _digest(REPO / "eval/shapes/world.py")})
     times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed, template))
+    # --curves: the MLLM runs export snapshots, which leave their training unchanged (tested) but must exist, so
+    # they are part of the stages' keys
+    pre_snapshots = snapshot_override(size.pretrain_steps) if curves else []
     pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
-                                    "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml")})
+                                    "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml"),
+                                    **({"snapshots": pre_snapshots} if curves else {})})
     times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
-                                                     size.pretrain_steps, size, seed, None))
+                                                     size.pretrain_steps, size, seed, None, pre_snapshots))
     phases = instruct_phases(size)
+    if curves:
+        phases = [(recipe, steps, overrides + snapshot_override(steps)) for recipe, steps, overrides in phases]
     ins = Stage(cache, "instruct", {**base, **mllm, "pretrain": pre.key,
                                     "phases": [(steps, _digest(REPO / "configs/recipes" / recipe), overrides)
                                                for recipe, steps, overrides in phases]})
@@ -379,6 +442,14 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
                                "prompts_per_tag": size.prompts_per_tag})
     times["eval"] = ev.run(lambda d: evaluate(d, ins.dir / "model", tok_dir, size, seed))
     results = json.loads((ev.dir / "results.json").read_text())
+    if curves:
+        runs = [("pretrain", size.pretrain_steps, pre.dir, pre.dir / "model")]
+        for k, (recipe, steps, _) in enumerate(phases):
+            run = phase_dir(ins.dir, k, recipe)
+            runs.append((run.name, steps, run, run / "model" if k < len(phases) - 1 else ins.dir / "model"))
+        cur = Stage(cache, "curves", {**base, "instruct": ins.key, "test_scenes": size.test_scenes})
+        times["curves"] = cur.run(lambda d: learning_curves(d, runs, tok_dir, size, seed))
+        results["curves"] = json.loads((cur.dir / "curves.json").read_text())
     results["stages"] = {k: {"seconds": s, "cached": c} for k, (s, c) in times.items()}
     results["paths"] = {"tokenizer": str(tok_dir), "model": str(ins.dir / "model"),
                         "grid": str(ev.dir / "generations.png")}
@@ -455,6 +526,7 @@ def format_table(results: dict) -> str:
                 f"GenEval-style above: `unitok eval geneval` + `geneval-score --detector shapes`"] if runner else []),
              "",
              format_diagnostics(results), "",
+             *([format_curves(results["curves"]), ""] if results.get("curves") else []),
              *format_chat_drawing(results),
              format_stage_times(results["stages"]),
              f"total {sum(v['seconds'] for v in results['stages'].values()) / 60:.1f} min of compute;  "
@@ -509,6 +581,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", action="store_true",
                    help="the paper's ablation: reconstruction-only vs reconstruction + contrastive tokenizers, each "
                         "followed by the same MLLM stages (the second under CACHE_DIR/contrastive)")
+    p.add_argument("--curves", action="store_true",
+                   help="per-type VQA learning curves: the MLLM stages export snapshots (retrained if cached "
+                        "without), each scored on the test and training scenes (CACHE_DIR/curves/curves.json)")
     for field in STEP_FIELDS:
         p.add_argument(f"--{field.replace('_', '-')}", type=int, default=None, help=f"override the size's {field}")
 
@@ -522,12 +597,13 @@ def run(args: argparse.Namespace) -> int:
     size = replace(size, **changes)
     t = time.perf_counter()
     if args.ablation:
-        if args.tokenizer:
-            raise ValueError("--ablation trains both tokenizers; it does not take --tokenizer")
+        if args.tokenizer or args.curves:
+            raise ValueError("--ablation trains both tokenizers and scores their final models; it does not take "
+                             "--tokenizer or --curves")
         print(format_ablation(run_ablation(Path(args.cache_dir), size, args.seed, args.threads)))
         print(f"(this run: {time.perf_counter() - t:.0f} s wall)")
         return 0
-    results = run_demo(Path(args.cache_dir), size, args.seed, args.threads, args.tokenizer)
+    results = run_demo(Path(args.cache_dir), size, args.seed, args.threads, args.tokenizer, curves=args.curves)
     print()
     print(format_table(results))
     print(f"(this run: {time.perf_counter() - t:.0f} s wall)")

@@ -72,6 +72,9 @@ class LoopConfig:
     output_dir: str = "runs/mllm"
     save_every: int = 500
     keep_last: int = 3
+    # export the model alone (our save_pretrained folder) every N steps under output_dir/snapshots/step_<N>, for
+    # learning curves: weights only, so a few MB each for the demo's model; 0: off
+    snapshot_every: int = 0
     log_every: int = 10
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str | None = None  # a configs/deepspeed/*.json; "auto" fields are filled from this recipe
@@ -83,6 +86,8 @@ class LoopConfig:
         for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.snapshot_every < 0:
+            raise ValueError(f"train.snapshot_every must be >= 0 (0: off), got {self.snapshot_every}")
 
 
 @dataclass

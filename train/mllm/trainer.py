@@ -32,7 +32,8 @@ from train.data.loader import MLLMDataLoader
 from .config import MLLMTrainConfig
 
 logger = logging.getLogger(__name__)
-RUN_OUTPUTS = ("checkpoints", "final", "logs", "config.yaml", "wandb")  # what a run writes into train.output_dir
+# what a run writes into train.output_dir
+RUN_OUTPUTS = ("checkpoints", "snapshots", "final", "logs", "config.yaml", "wandb")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
 
@@ -306,6 +307,10 @@ class MLLMTrainer:
                 t = time.perf_counter()
                 self.save_checkpoint()
                 window_t0 += time.perf_counter() - t
+            if cfg.train.snapshot_every and self.step % cfg.train.snapshot_every == 0 and self.step < cfg.train.steps:
+                t = time.perf_counter()
+                self.export(self.out_dir / "snapshots" / f"step_{self.step:06d}")  # the last step's is `final`
+                window_t0 += time.perf_counter() - t
             inject_fault(self.step)
         bar.close()
         self.save_checkpoint()
@@ -359,6 +364,13 @@ class MLLMTrainer:
         return path
 
 
+def snapshots(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, model folder) of every snapshot a run exported (``train.snapshot_every``), in step order."""
+    found = [(int(p.name.removeprefix("step_")), p) for p in (Path(output_dir) / "snapshots").glob("step_*")
+             if p.name.removeprefix("step_").isdigit()]  # written atomically: a folder of that name is complete
+    return sorted(found)
+
+
 def merge_lora_state(config: UniTokMLLMConfig, state: dict[str, torch.Tensor], cfg: MLLMTrainConfig) -> UniTokMLLM:
     """A plain model from a full PEFT state dict (base weights + adapters), merged on CPU in float32. Every tensor
     of the model must come from ``state``: the model is freshly initialised, so a key lost to a peft rename would
@@ -377,5 +389,5 @@ def train(cfg: MLLMTrainConfig, resume: str | None = None, accelerator=None,
     return MLLMTrainer(cfg, resume=resume, accelerator=accelerator, overwrite=overwrite).fit()
 
 
-__all__ = ["MLLMTrainer", "train", "build_model", "build_accelerator", "apply_lora", "lora_config", "freeze",
-           "merge_lora_state", "deepspeed_plugin"]
+__all__ = ["MLLMTrainer", "train", "snapshots", "build_model", "build_accelerator", "apply_lora", "lora_config",
+           "freeze", "merge_lora_state", "deepspeed_plugin"]
