@@ -428,7 +428,7 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
     pre_snapshots = snapshot_override(size.pretrain_steps) if curves else []
     pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
                                     "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml"),
-                                    **({"snapshots": pre_snapshots} if curves else {})})
+                                    **({"snapshots": pre_snapshots} if pre_snapshots else {})})
     times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
                                                      size.pretrain_steps, size, seed, None, pre_snapshots))
     phases = instruct_phases(size)

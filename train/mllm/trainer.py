@@ -303,14 +303,12 @@ class MLLMTrainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", text=f"{metrics['text_loss']:.3f}",
                                 image=f"{metrics['image_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
+            t = time.perf_counter()  # writes are kept out of the throughput window
             if self.step % cfg.train.save_every == 0 and self.step < cfg.train.steps:
-                t = time.perf_counter()
                 self.save_checkpoint()
-                window_t0 += time.perf_counter() - t
             if cfg.train.snapshot_every and self.step % cfg.train.snapshot_every == 0 and self.step < cfg.train.steps:
-                t = time.perf_counter()
                 self.export(self.out_dir / "snapshots" / f"step_{self.step:06d}")  # the last step's is `final`
-                window_t0 += time.perf_counter() - t
+            window_t0 += time.perf_counter() - t
             inject_fault(self.step)
         bar.close()
         self.save_checkpoint()
