@@ -11,8 +11,11 @@ RMS eps, tied or untied head all come from it) extended with the fields that des
 * ``image_position_embedding``: add an embedding per image position (its 2-D cell) to the code embedder's output:
   ``True``/``"learned"`` (a learned table, initialised at the text embeddings' scale) or ``"sincos"`` (MAE's fixed
   2-D sin-cos table: half the channels encode the row, half the column, each of norm ~5.7, near the image content's
-  scale). Off (``False``) in the release, whose image embeddings carry position only through the backbone's 1-D
-  RoPE index; an option for tokenizers whose codes are translation-invariant (the demo's shapes world);
+  scale) or ``"ramp"`` (a learned table initialised linear in the cell's row and column: ``RAMP_NORM`` × (x·u + y·v)
+  with x, y in [-1, 1] and u, v two random orthonormal directions, so that the offset between two cells is the
+  difference of their rows: tried for the demo's "Is the red circle left of the blue square?", README). Off
+  (``False``) in the release, whose image embeddings carry position only through the backbone's 1-D RoPE index; an
+  option for tokenizers whose codes are translation-invariant (the demo's shapes world);
 * ``image_embedding_rms``: if set, RMS-normalise the code embedder's output and scale it to this RMS per coordinate
   (a learnable RMSNorm, times this fixed factor). Off in the release, whose image embeddings reach norm 12-16
   against ~0.3 for text embeddings (initialised N(0, 0.02)). Tried in the demo at 0.02, it lost 8 VQA points
@@ -31,7 +34,7 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id; never embedded as text
 
 
-IMAGE_POSITION_EMBEDDINGS = (False, True, "learned", "sincos")
+IMAGE_POSITION_EMBEDDINGS = (False, True, "learned", "sincos", "ramp")
 
 
 class UniTokMLLMConfig(LlamaConfig):
@@ -63,10 +66,14 @@ class UniTokMLLMConfig(LlamaConfig):
         if self.image_position_embedding not in IMAGE_POSITION_EMBEDDINGS:
             raise ValueError(f"image_position_embedding must be one of {IMAGE_POSITION_EMBEDDINGS}, "
                              f"got {self.image_position_embedding!r}")
-        side = round(self.image_positions ** 0.5)  # the sin-cos table encodes row and column of a square grid
-        if self.image_position_embedding == "sincos" and (side * side != self.image_positions or self.hidden_size % 4):
-            raise ValueError(f"image_position_embedding 'sincos' needs a square grid and hidden_size divisible by 4, "
-                             f"got image_positions {self.image_positions}, hidden_size {self.hidden_size}")
+        side = round(self.image_positions ** 0.5)  # both tables encode the row and column of a square grid
+        kind = self.image_position_embedding
+        if kind in ("sincos", "ramp") and side * side != self.image_positions:
+            raise ValueError(f"image_position_embedding {kind!r} needs a square grid, got image_positions "
+                             f"{self.image_positions}")
+        if kind == "sincos" and self.hidden_size % 4:
+            raise ValueError(f"image_position_embedding 'sincos' needs hidden_size divisible by 4, "
+                             f"got {self.hidden_size}")
         for name in ("num_codebooks", "codebook_size", "code_dim", "depth_layers", "image_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

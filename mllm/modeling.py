@@ -57,6 +57,25 @@ def sincos_2d(positions: int, dim: int) -> torch.Tensor:
     return torch.cat([axis[rows.flatten()], axis[cols.flatten()]], 1).float()
 
 
+RAMP_NORM = 12.0  # the image content's norm in the demo's model (12-16): a cell offset must not drown in it
+
+
+def position_ramp(positions: int, dim: int) -> torch.Tensor:
+    """A table ``[positions, dim]`` linear in each position's column x and row y (both in [-1, 1], square grid in raster
+    order): ``RAMP_NORM · (x·u + y·v)`` for two random orthonormal directions u, v. Linear, so the offset between two
+    cells — what "left of" and "above" compare — is the difference of their rows of the table."""
+    side = int(round(positions ** 0.5))
+    u, v = torch.linalg.qr(torch.randn(dim, 2))[0].T
+    coord = torch.linspace(-1, 1, side)
+    rows, cols = torch.meshgrid(coord, coord, indexing="ij")
+    return RAMP_NORM * (cols.flatten()[:, None] * u + rows.flatten()[:, None] * v)
+
+
+class PositionRamp(nn.Embedding):
+    """The learned image-position table of ``image_position_embedding="ramp"``: an ``nn.Embedding`` (same state dict)
+    that ``_init_weights`` starts at :func:`position_ramp`."""
+
+
 class CodeEmbedder(nn.Module):
     """Image codes ``[M, K, N]`` -> embeddings ``[M, N, hidden]`` (reference ``TokenEmbedder``, spec §a)."""
 
@@ -71,8 +90,9 @@ class CodeEmbedder(nn.Module):
                                           nn.Linear(config.hidden_size, config.hidden_size))
         # optional (config.image_position_embedding): which of the N positions an embedding belongs to
         kind = config.image_position_embedding
-        self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
-                                   if kind is True or kind == "learned" else None)
+        table = PositionRamp if kind == "ramp" else nn.Embedding
+        self.position_embedding = (table(config.image_positions, config.hidden_size)
+                                   if kind in (True, "learned", "ramp") else None)
         # a fixed table, not saved; ``_init_weights`` fills it (from_pretrained leaves non-persistent buffers empty)
         self.register_buffer("position_table", sincos_2d(config.image_positions, config.hidden_size)
                              if kind == "sincos" else None, persistent=False)
@@ -184,6 +204,8 @@ class UniTokMLLMPreTrainedModel(PreTrainedModel):
             hf.init.zeros_(module.zero_k_bias)
         elif isinstance(module, CodeEmbedder) and module.position_table is not None:
             hf.init.copy_(module.position_table, sincos_2d(*module.position_table.shape))
+        elif isinstance(module, PositionRamp):
+            hf.init.copy_(module.weight, position_ramp(*module.weight.shape))
         elif isinstance(module, SubCodebook):  # reference ``vocab_init = -1`` (overwritten by the tokenizer's books)
             bound = module.codebook.weight.shape[1] ** -0.5 / 36
             hf.init.uniform_(module.codebook.weight, -bound, bound)

@@ -212,10 +212,36 @@ def test_sincos_image_positions_encode_row_and_column_and_survive_a_reload(tmp_p
     assert torch.equal(reloaded.code_embedder(codes), emb(codes))
 
 
+def test_ramp_image_positions_start_linear_in_row_and_column_and_load_as_trained(tmp_path):
+    """``image_position_embedding="ramp"``: a learned table (the same state-dict entry as ``"learned"``) that starts
+    at RAMP_NORM x (x u + y v) with x, y in [-1, 1] on the 4x4 grid: one column to the right adds the same vector
+    everywhere (norm 12 x 2/3 = 8), one row down another of the same norm orthogonal to it, and the centre of the
+    grid is 0. ``from_pretrained`` keeps the trained table, not a fresh ramp."""
+    from mllm.modeling import RAMP_NORM
+
+    torch.manual_seed(0)
+    model = UniTokMLLM(small_config(image_positions=16, image_position_embedding="ramp"))
+    table = model.code_embedder.position_embedding.weight.detach()
+    grid = table.view(4, 4, -1)
+    right, down = grid[0, 1] - grid[0, 0], grid[1, 0] - grid[0, 0]
+    assert torch.allclose(grid[:, 1:] - grid[:, :-1], right.expand(4, 3, -1), atol=1e-5)
+    assert torch.allclose(grid[1:] - grid[:-1], down.expand(3, 4, -1), atol=1e-5)
+    assert torch.allclose(right.norm(), torch.tensor(RAMP_NORM * 2 / 3)) and torch.allclose(down.norm(), right.norm())
+    assert abs(float(right @ down)) < 1e-3
+    assert torch.allclose(table.sum(0), torch.zeros(table.shape[1]), atol=1e-4)
+
+    with torch.no_grad():
+        model.code_embedder.position_embedding.weight.mul_(0.5)  # "trained": no longer the initial ramp
+    model.save_pretrained(tmp_path)
+    reloaded = UniTokMLLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.code_embedder.position_embedding.weight, model.code_embedder.position_embedding.weight)
+
+
 @pytest.mark.parametrize("value, message", [("2d", "image_position_embedding must be one of"),
-                                            ("sincos", "needs a square grid")])
+                                            ("sincos", "needs a square grid"), ("ramp", "needs a square grid")])
 def test_bad_image_position_embedding_is_one_clear_error(value, message):
-    """An unknown kind, or a sin-cos table for a non-square grid (6 positions), fails at construction, naming it."""
+    """An unknown kind, or a sin-cos or ramp table for a non-square grid (6 positions), fails at construction,
+    naming it."""
     with pytest.raises(ValueError, match=message):
         UniTokMLLM(small_config(image_position_embedding=value))
 
