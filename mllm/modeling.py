@@ -45,11 +45,16 @@ from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
 from .configuration import IGNORE_INDEX, UniTokMLLMConfig
 
 
+def grid_side(positions: int) -> int:
+    """Side of the square grid of ``positions`` image positions (the config checks that it is square)."""
+    return int(round(positions ** 0.5))
+
+
 def sincos_2d(positions: int, dim: int) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table ``[positions, dim]`` for a square grid in raster order: the first half of the
     channels encodes the row, the second the column, each as sin/cos pairs of geometric frequencies. (The config
     checks that the grid is square and ``dim`` divisible by 4.)"""
-    side = int(round(positions ** 0.5))
+    side = grid_side(positions)
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     grid = torch.arange(side, dtype=torch.float64)
     axis = torch.cat([torch.sin(grid[:, None] * omega), torch.cos(grid[:, None] * omega)], 1)  # [side, dim/2]
@@ -64,7 +69,7 @@ def position_ramp(positions: int, dim: int) -> torch.Tensor:
     """A table ``[positions, dim]`` linear in each position's column x and row y (both in [-1, 1], square grid in raster
     order): ``RAMP_NORM · (x·u + y·v)`` for two random orthonormal directions u, v. Linear, so the offset between two
     cells — what "left of" and "above" compare — is the difference of their rows of the table."""
-    side = int(round(positions ** 0.5))
+    side = grid_side(positions)
     u, v = torch.linalg.qr(torch.randn(dim, 2))[0].T
     coord = torch.linspace(-1, 1, side)
     rows, cols = torch.meshgrid(coord, coord, indexing="ij")
@@ -90,9 +95,8 @@ class CodeEmbedder(nn.Module):
                                           nn.Linear(config.hidden_size, config.hidden_size))
         # optional (config.image_position_embedding): which of the N positions an embedding belongs to
         kind = config.image_position_embedding
-        table = PositionRamp if kind == "ramp" else nn.Embedding
-        self.position_embedding = (table(config.image_positions, config.hidden_size)
-                                   if kind in (True, "learned", "ramp") else None)
+        table = {True: nn.Embedding, "learned": nn.Embedding, "ramp": PositionRamp}.get(kind)  # learned kinds
+        self.position_embedding = table(config.image_positions, config.hidden_size) if table else None
         # a fixed table, not saved; ``_init_weights`` fills it (from_pretrained leaves non-persistent buffers empty)
         self.register_buffer("position_table", sincos_2d(config.image_positions, config.hidden_size)
                              if kind == "sincos" else None, persistent=False)
