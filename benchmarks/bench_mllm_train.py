@@ -4,11 +4,11 @@
 
 One optimiser step = forward + backward + AdamW on a packed micro-batch (rows of tokens, each row holding
 text->image, image->text and text-only samples, position ids restarting per sample), random weights, in fp32 and
-with bf16 autocast, side by side. Model FLOPs are counted analytically (6 x parameters touched per token for
-matmuls, plus attention scores), so MFU = achieved FLOP/s / peak, each precision against its own peak: the measured
-fp32 (190) and bf16 (405 GFLOP/s) matmul peaks of the 2-core CPU in notes/env_feasibility.md §5, or
-``--peak-gflops FP32 BF16`` (a GPU's datasheet). ``tiny`` is the demo's model (4 KV heads) at the demo's
-micro-batch (16 rows x 256 tokens).
+with bf16 autocast (where this machine runs bf16 natively), side by side. Model FLOPs are counted analytically (6 x
+parameters touched per token for matmuls, plus attention scores), so MFU = achieved FLOP/s / peak, each precision
+against its own peak: this CPU's fp32 and bf16 matmul speed, measured by the 512-square probe of
+train.common.precision (and printed with the machine), or ``--peak-gflops FP32 BF16`` (a GPU's datasheet). ``tiny``
+is the demo's model at the demo's micro-batch (16 rows x 256 tokens).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig
 from mllm import hf_compat as hf
 from train.data.collate import varlen_kwargs
+from train.common.precision import machine_info
 from train.mllm.config import MLLMTrainConfig
 
 
@@ -82,7 +83,7 @@ def model_flops(model: UniTokMLLM, batch: dict, out) -> float:
 
 # config -> (rows, tokens per row): medium as the reference timing; tiny as the demo's micro-batch (16 x 256, packed)
 BATCHES = {"medium": (4, 512), "tiny": (16, 256)}
-PEAKS = {"fp32": 190.0, "bf16": 405.0}  # GFLOP/s of this 2-core CPU's matmul (notes/env_feasibility.md §5)
+PRECISIONS = ("fp32", "bf16")
 
 
 def measure(cfg: UniTokMLLMConfig, precision: str, steps: int, device: str, rows: int, row_tokens: int) -> dict:
@@ -124,18 +125,30 @@ def demo_model_overrides() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", nargs="+", default=["medium", "tiny"])
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=sorted(PEAKS))
+    ap.add_argument("--precision", nargs="+", default=None, choices=PRECISIONS,
+                    help="default: fp32, and bf16 where this machine runs it natively (a GPU, or a CPU with "
+                         "AVX512-BF16/AMX); emulated bf16 would take minutes a step")
     ap.add_argument("--rows", type=int, help="rows per micro-batch (default: per config, see BATCHES)")
     ap.add_argument("--row-tokens", type=int)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--peak-gflops", type=float, nargs=2, metavar=("FP32", "BF16"),
-                    help="matmul peaks to measure against (default: this CPU's 190 and 405; a GPU's datasheet)")
+                    help="matmul peaks to measure against (default: this CPU's, measured by the 512-square "
+                         "matmul probe; a GPU's datasheet)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peaks = dict(zip(("fp32", "bf16"), args.peak_gflops)) if args.peak_gflops else PEAKS
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.peak_gflops:
+        peaks = dict(zip(PRECISIONS, args.peak_gflops))
+        precisions = args.precision or list(PRECISIONS)
+    elif device == "cpu":
+        info = machine_info()
+        print(f"machine: {info.describe()}")
+        peaks = {"fp32": info.fp32_gflops, "bf16": info.bf16_gflops}
+        precisions = args.precision or (list(PRECISIONS) if info.bf16_native else ["fp32"])
+    else:
+        raise SystemExit("on a GPU, give its datasheet's --peak-gflops FP32 BF16")
     print(f"{torch.get_num_threads()} threads, {device}; one step = forward + backward + AdamW on packed rows")
     print(f"{'config':<8} {'params':>7} {'batch':>9} {'precision':>9} {'step ms':>8} {'tokens/s':>9} "
           f"{'GFLOP/s':>8} {'of peak':>14} {'loss':>7}")
@@ -144,7 +157,7 @@ def main() -> None:
         overrides = demo_model_overrides() if name == "tiny" else {}  # the demo's tiny model
         cfg = UniTokMLLMConfig.from_preset(name, **overrides)
         hf.set_attn_implementation(cfg, "sdpa")
-        for precision in args.precision:
+        for precision in precisions:
             r = measure(cfg, precision, args.steps, device, args.rows or rows, args.row_tokens or row_tokens)
             share = f"{r['gflops'] / peaks[precision]:.1%} of {peaks[precision]:g}"
             print(f"{name:<8} {r['params'] / 1e6:6.1f}M {r['batch']:>9} {precision:>9} {r['step_ms']:8.0f} "

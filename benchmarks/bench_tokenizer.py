@@ -14,6 +14,7 @@ import time
 import torch
 
 from tokenizer import UniTok, UniTokConfig
+from train.common.precision import machine_info
 
 
 def bench(fn, repeats: int) -> float:
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    if args.device == "cpu":
+        print(f"machine: {machine_info().describe()}")
     print(f"device={args.device} threads={torch.get_num_threads()} dtype={args.dtype} batch={args.batch_size}")
     print(f"{'preset':<14}{'params':>10}{'px':>6}{'K x N':>10}{'encode img/s':>15}{'decode img/s':>15}")
     for name in args.preset:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from mllm import IGNORE_INDEX, UniTokMLLM, UniTokMLLMConfig  # noqa: E402
 from mllm import hf_compat as hf  # noqa: E402
 
 from bench_mllm_train import measure  # noqa: E402
+from train.common.precision import cpu_model  # noqa: E402
 
 SHAPES = {
     # generation model, training backbone, training rows x tokens, generation batches
@@ -154,7 +154,8 @@ def training_step(shape: dict, device: str, results: dict, peak_tflops: float) -
                  max_position_embeddings=4096)
     attn = attention_for_training() if device == "cuda" else "sdpa"
     hf.set_attn_implementation(cfg, attn)
-    r = measure(cfg, "bf16", 3, device, shape["rows"], shape["row_tokens"])
+    # bf16 autocast on a GPU; fp32 on a CPU, where bf16 may be emulated (the CPU path checks the logic, not speed)
+    r = measure(cfg, "bf16" if device == "cuda" else "fp32", 3, device, shape["rows"], shape["row_tokens"])
     row = dict(attention=attn, params_b=r["params"] / 1e9, tokens_per_s=r["tokens_per_s"], step_s=r["step_ms"] / 1000,
                tflops=r["gflops"] / 1000, mfu=r["gflops"] / 1000 / peak_tflops)
     results["training"] = row
@@ -223,7 +224,7 @@ def main() -> None:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     import transformers
-    env = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+    env = dict(device=torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
                torch=torch.__version__, transformers=transformers.__version__, cuda=torch.version.cuda,
                shape=args.shape, command=" ".join(sys.argv))
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)

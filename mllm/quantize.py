@@ -1,8 +1,8 @@
 """Opt-in int8 weight-only inference: the Linear layers of the backbone and the depth head keep their weights as
 int8 (symmetric, one scale per output channel: ``max |row| / 127``) and their activations in the model's dtype, through
 torch's ``_weight_int8pack_mm`` (CPU and CUDA). It quarters the weight bytes a decode step streams; whether that is
-faster depends on the kernel (``benchmarks/bench_mllm_generation.py --int8`` prints the speed and how many greedy
-codes still equal float32's). The code embedder, the embeddings and the LM head stay as they are.
+faster depends on the kernel and the CPU (``benchmarks/bench_mllm_generation.py`` prints the speed beside float32's
+and how many greedy codes still equal float32's). The code embedder, the embeddings and the LM head stay as they are.
 """
 from __future__ import annotations
 

@@ -22,9 +22,17 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     cache = tmp_path / "demo"
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
-    for line in ("tokenizer PSNR", "VQA accuracy", "GenEval-style overall", "stage times"):
+    for line in ("tokenizer PSNR", "VQA accuracy", "GenEval-style overall", "stage times", "machine: ",
+                 "estimate: ", "precision: tokenizer "):
         assert line in out
     results = json.loads((cache / "results.json").read_text())
+    # the machine it ran on, as printed before the first stage
+    from train.common.precision import probe
+    machine = results["machine"]
+    assert (machine["fp32_gflops"], machine["bf16_gflops"]) == (probe().fp32_gflops, probe().bf16_gflops)
+    assert machine["tokenizer_precision"] == ("bf16" if probe().bf16_native else "no")
+    assert set(machine["estimate_seconds"]) == {"tokenizer", "data", "pretrain", "instruct", "eval"}
+    assert f"{machine['fp32_gflops']:.0f} GFLOP/s" in out
     assert set(results["stages"]) == {"tokenizer", "data", "pretrain", "instruct", "eval"}
     assert not any(s["cached"] for s in results["stages"].values())
     assert 5 < results["psnr"] < 60
@@ -159,12 +167,38 @@ class _Identity(torch.nn.Module):
         return y
 
 
+def test_demo_estimate_scales_each_stage_by_its_own_workload():
+    """The announced estimate: on the reference machine the full demo fits its 30-minute budget (the margin aside);
+    a machine whose tokenizer steps take 3x as long and MLLM steps 2x (an AVX2-only CPU in fp32) gets exactly those
+    factors on the tokenizer and data stages, and on the MLLM stages."""
+    from train.demo import (BUDGET_MINUTES, ESTIMATE_MARGIN, REFERENCE_STEP_SECONDS, STAGE_OVERHEAD_SECONDS,
+                            estimate_seconds)
+
+    stages = ["tokenizer", "data", "pretrain", "instruct", "eval"]
+    for precision in ("bf16", "no"):
+        ref = {"tokenizer": REFERENCE_STEP_SECONDS["tokenizer"][precision], "mllm": REFERENCE_STEP_SECONDS["mllm"]}
+        here = estimate_seconds(SIZES["full"], ref, precision, stages)
+        if precision == "bf16":  # what the reference machine runs
+            assert sum(here.values()) / ESTIMATE_MARGIN < BUDGET_MINUTES * 60
+        slow = estimate_seconds(SIZES["full"], {"tokenizer": 3 * ref["tokenizer"], "mllm": 2 * ref["mllm"]},
+                                precision, stages)
+        for stage, factor in (("tokenizer", 3), ("data", 3), ("pretrain", 2), ("instruct", 2), ("eval", 2)):
+            assert slow[stage] == pytest.approx(factor * here[stage])
+    # the smoke size is seconds of work plus each stage's fixed costs
+    smoke = estimate_seconds(SIZES["smoke"], ref, "no", stages)
+    assert 5 * STAGE_OVERHEAD_SECONDS < sum(smoke.values()) < 30
+
+
 @pytest.mark.slow
 def test_demo_mllm_stages_can_use_bf16_autocast(tmp_path, monkeypatch):
-    """The demo runs every stage in one process: an MLLM recipe with its own precision (bf16 autocast, as
-    README's demo section measures) must not collide with the fp32 state the tokenizer stage left in accelerate,
-    nor a later fp32 run with the bf16 state."""
+    """The demo runs every stage in one process: an MLLM recipe with its own precision (bf16 autocast) must not
+    collide with the state the tokenizer stage left in accelerate, nor a later fp32 run with the bf16 state.
+    (tests/test_precision.py checks the same switch on accelerators alone, on every CPU.)"""
+    from train.common.precision import probe
     from train.mllm.config import MLLMTrainConfig
+
+    if not probe().bf16_native:  # emulated bf16 would cost ~2 minutes here for what the cheap test covers
+        pytest.skip(f"this CPU emulates bf16 ({probe().describe()})")
 
     load = MLLMTrainConfig.load.__func__
     seen = []

@@ -70,6 +70,137 @@ SIZES = {
 }
 
 
+# ================================================================================================ time budget
+# The budget: each stage's seconds at the full size on the reference machine (2 threads of an Intel Xeon with
+# AVX512-BF16 and AMX), under each tokenizer precision `auto` can pick there. Another machine's estimate scales each
+# stage by how much slower this machine runs the stage's own workload: a few training steps of the demo's two models
+# (random weights, ~3 s here), timed before the first stage. A matmul's GFLOP/s predicts the stages badly: the tiny
+# models are bound by small kernels and convolutions as much as by large matmuls (an AVX2-only AMD EPYC at 34 fp32
+# GFLOP/s, 5.3x below the reference, ran the MLLM stages 2x and the fp32 tokenizer 2.7x slower). The margin covers
+# the ~15 % a machine's speed varies between days.
+REFERENCE_SECONDS = {"tokenizer": {"bf16": 465.0, "no": 570.0}, "data": 52.0, "pretrain": 688.0, "instruct": 447.0,
+                     "eval": 35.0, "curves": 205.0}
+REFERENCE_STEP_SECONDS = {"tokenizer": {"bf16": 0.25, "no": 0.33}, "mllm": 0.48}  # the workload probe, reference
+STAGE_WORKLOAD = {"tokenizer": "tokenizer", "data": "tokenizer", "pretrain": "mllm", "instruct": "mllm",
+                  "eval": "mllm", "curves": "mllm"}
+ESTIMATE_MARGIN = 1.15
+STAGE_OVERHEAD_SECONDS = 3.0  # building models, loading data: what dominates the smoke size
+BUDGET_MINUTES = 30  # the whole full-size demo on the reference machine
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def stage_work(size: DemoSize) -> dict[str, float]:
+    """Each stage's work relative to the full size (its reference seconds scale with it)."""
+    from eval.shapes.world import GENEVAL_TAGS
+
+    full = SIZES["full"]
+    scenes = lambda s: s.train_scenes + len(GENEVAL_TAGS) * s.prompt_scenes  # noqa: E731
+    instr = lambda s: s.instruct_steps + s.selection_steps + s.consolidate_steps  # noqa: E731
+    return {"tokenizer": size.tokenizer_steps / full.tokenizer_steps, "data": scenes(size) / scenes(full),
+            "pretrain": size.pretrain_steps / full.pretrain_steps, "instruct": instr(size) / instr(full),
+            "eval": size.test_scenes / full.test_scenes, "curves": size.test_scenes / full.test_scenes}
+
+
+def _median_step_seconds(step, repeats: int = 3) -> float:
+    step()  # warm-up: kernel selection, allocator
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def workload_step_seconds(tokenizer_precision: str) -> dict[str, float]:
+    """Seconds per training step, on this machine, of the demo's tokenizer (``tiny``, batch 16, 64 px, in the
+    precision chosen) and MLLM (its recipe's model, 16 rows of 256 tokens, fp32); random weights and data, global
+    RNG state left as it was."""
+    from mllm import UniTokMLLM, UniTokMLLMConfig
+    from mllm.configuration import image_side_from_tokenizer
+    from tokenizer import UniTok, UniTokConfig
+    from train.mllm.config import MLLMTrainConfig
+
+    rng_state = torch.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        unitok = UniTok(UniTokConfig.from_preset("tiny")).train()
+        opt = torch.optim.AdamW(unitok.parameters(), lr=1e-4)
+        x = torch.rand(16, 3, unitok.config.image_size, unitok.config.image_size) * 2 - 1
+
+        def tokenizer_step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tokenizer_precision == "bf16"):
+                out = unitok(x)
+            ((out.rec.float() - x).square().mean() + out.vq_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        recipe = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-pretrain.yaml").model
+        cfg = UniTokMLLMConfig.from_preset(recipe.preset, **{"vocab_size": 640,
+                                                             **image_side_from_tokenizer(unitok.config),
+                                                             **recipe.overrides})
+        model = UniTokMLLM(cfg).train()
+        mopt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = torch.randint(5, cfg.vocab_size, (16, 256))
+
+        def mllm_step():
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            mopt.step()
+            mopt.zero_grad(set_to_none=True)
+
+        return {"tokenizer": _median_step_seconds(tokenizer_step), "mllm": _median_step_seconds(mllm_step)}
+    finally:
+        torch.set_rng_state(rng_state)
+
+
+def estimate_seconds(size: DemoSize, step_seconds: dict[str, float], tokenizer_precision: str,
+                     stages: list[str]) -> dict[str, float]:
+    """Seconds each of ``stages`` should take here (the margin included), from the workload probe's step times."""
+    work = stage_work(size)
+    ref_steps = {"tokenizer": REFERENCE_STEP_SECONDS["tokenizer"][tokenizer_precision],
+                 "mllm": REFERENCE_STEP_SECONDS["mllm"]}
+    out = {}
+    for stage in stages:
+        ref = REFERENCE_SECONDS[stage]
+        ref = ref[tokenizer_precision] if isinstance(ref, dict) else ref
+        workload = STAGE_WORKLOAD[stage]
+        slowdown = step_seconds[workload] / ref_steps[workload]
+        out[stage] = (STAGE_OVERHEAD_SECONDS + ref * work[stage]) * slowdown * ESTIMATE_MARGIN
+    return out
+
+
+def announce_machine(size: DemoSize, tokenizer_precision: str, why: str, stages: list[str]) -> dict:
+    """Print the machine line and the run's estimate before the first stage; returned for results.json."""
+    from train.common.precision import machine_info
+
+    info = machine_info()
+    reference = {"tokenizer": REFERENCE_STEP_SECONDS["tokenizer"][tokenizer_precision],
+                 "mllm": REFERENCE_STEP_SECONDS["mllm"]}
+    # the workload probe costs seconds: not worth it for a run that takes a minute or two on the reference machine
+    quick = sum(estimate_seconds(size, reference, tokenizer_precision, stages).values()) < 120
+    steps = reference if quick else workload_step_seconds(tokenizer_precision)
+    est = estimate_seconds(size, steps, tokenizer_precision, stages)
+    total = sum(est.values())
+    print(f"machine: {info.describe()}")
+    print(f"precision: tokenizer {'bf16 autocast' if tokenizer_precision == 'bf16' else 'fp32'} ({why}); "
+          f"MLLM fp32")
+    if quick:
+        print(f"estimate: {minutes(total)} on the reference machine", flush=True)
+    elif stages:
+        print(f"estimate: {minutes(total)} here ({', '.join(f'{k} {minutes(v)}' for k, v in est.items())}; "
+              f"a training step takes {steps['tokenizer']:.2f} s (tokenizer) and {steps['mllm']:.2f} s (MLLM) "
+              f"here against {REFERENCE_STEP_SECONDS['tokenizer'][tokenizer_precision]:.2f} and "
+              f"{REFERENCE_STEP_SECONDS['mllm']:.2f} on the reference machine; budget: {BUDGET_MINUTES} min for "
+              f"the full demo there)", flush=True)
+    if not stages:
+        print("estimate: every stage is cached", flush=True)
+    return {**info.to_dict(), "tokenizer_precision": tokenizer_precision, "precision_reason": why,
+            "step_seconds": None if quick else steps, "estimate_seconds": {k: round(v) for k, v in est.items()},
+            "estimate_total_seconds": round(total)}
+
+
 # ================================================================================================ caching
 class Stage:
     """A cached stage: ``<cache>/<name>/`` plus ``stage.json`` holding the settings it was built with."""
@@ -335,31 +466,42 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
     from mllm.cli import load_mllm, load_unitok
     from mllm.generation import ImageSampling
     from tokenizer.image import make_grid
+    from tqdm import tqdm
 
     model, processor = load_mllm(str(model_dir), device="cpu")
     unitok = load_unitok(str(tokenizer_dir), model, model.device)
     scenes = test_scenes(size.test_scenes, seed)
-    t = time.perf_counter()
-    psnr = tokenizer_psnr(unitok, scenes)
-    vqa = evaluate_vqa(model, processor, unitok, scenes)
-    # diagnostics: the same questions reworded (held-out paraphrases), about another scene's image (does the answer
-    # use the image?), and on training scenes (memorising or underfitting?)
-    diagnostics = {
-        "paraphrase": evaluate_vqa(model, processor, unitok, scenes, wording="paraphrase"),
-        "wrong_image": evaluate_vqa(model, processor, unitok, scenes, image_shift=1),
-        "train_scenes": evaluate_vqa(model, processor, unitok, W.generate_split("train", size.test_scenes, seed=seed)),
-    }
-    # the same test questions as benchmark files through `unitok eval vqa` and the official scorer
-    runner = vqa_through_runner(model_dir, tokenizer_dir, scenes, out / "benchmarks")
-    t_vqa = time.perf_counter() - t
     prompts = W.geneval_prompts(size.prompts_per_tag)
-    t = time.perf_counter()
+    sampling = ImageSampling(cfg_scale=3.0, temperature=1.0)
+    # diagnostics: the same questions reworded (held-out paraphrases), about another scene's image (does the answer
+    # use the image?), and on training scenes (memorising or underfitting?); then the same test questions as benchmark
+    # files through `unitok eval vqa` and the official scorer
+    vqa_parts = {
+        "psnr": lambda: tokenizer_psnr(unitok, scenes),
+        "vqa": lambda: evaluate_vqa(model, processor, unitok, scenes),
+        "paraphrase": lambda: evaluate_vqa(model, processor, unitok, scenes, wording="paraphrase"),
+        "wrong_image": lambda: evaluate_vqa(model, processor, unitok, scenes, image_shift=1),
+        "train_scenes": lambda: evaluate_vqa(model, processor, unitok,
+                                             W.generate_split("train", size.test_scenes, seed=seed)),
+        "runner": lambda: vqa_through_runner(model_dir, tokenizer_dir, scenes, out / "benchmarks")}
     # plain sampling with guidance (greedy decoding collapses to one image per model, as in other AR generators)
-    gen = evaluate_generation(model, processor, unitok, prompts, 1, ImageSampling(cfg_scale=3.0, temperature=1.0),
-                              seed=seed, out_dir=out / "geneval")
-    chat_gen = evaluate_chat_drawing(model, processor, unitok, prompts, seed)
-    ceiling = reconstruction_ceiling(unitok, prompts, seed)
-    t_gen = time.perf_counter() - t
+    gen_parts = {
+        "geneval": lambda: evaluate_generation(model, processor, unitok, prompts, 1, sampling, seed=seed,
+                                               out_dir=out / "geneval"),
+        "chat_drawing": lambda: evaluate_chat_drawing(model, processor, unitok, prompts, seed),
+        "ceiling": lambda: reconstruction_ceiling(unitok, prompts, seed)}
+    done, seconds = {}, {}
+    with tqdm(total=len(vqa_parts) + len(gen_parts), desc="eval", unit="part", dynamic_ncols=True) as bar:
+        for group, parts in (("vqa", vqa_parts), ("geneval", gen_parts)):
+            t = time.perf_counter()
+            for name, fn in parts.items():
+                bar.set_postfix_str(name)
+                done[name] = fn()
+                bar.update()
+            seconds[group] = time.perf_counter() - t
+    psnr, vqa, runner, gen, chat_gen, ceiling = (done[k] for k in ("psnr", "vqa", "runner", "geneval",
+                                                                     "chat_drawing", "ceiling"))
+    diagnostics = {k: done[k] for k in ("paraphrase", "wrong_image", "train_scenes")}
     # the grid: the first generation of one prompt per tag, then more single/two-object prompts
     picked = []
     for tag in W.GENEVAL_TAGS:
@@ -370,7 +512,7 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
                "vqa_diagnostics": {k: {"accuracy": v["accuracy"], "per_type": v["per_type"]}
                                    for k, v in diagnostics.items()},
                "vqa_runner": runner["scores"], "geneval": gen["summary"], "geneval_chat": chat_gen, "geneval_reconstructions": ceiling, "grid_prompts": [gen["results"][i]["prompt"] for i in picked],
-               "seconds": {"vqa": t_vqa, "geneval": t_gen}}
+               "seconds": seconds}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
@@ -402,44 +544,59 @@ def evaluate_chat_drawing(model, processor, unitok, prompts: list[dict], seed: i
 # ================================================================================================ driver
 def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = None,
              tokenizer: str | None = None, tokenizer_overrides: list[str] = (), curves: bool = False) -> dict:
+    from train.common.precision import resolve_precision
+    from train.tokenizer.config import TokenizerTrainConfig
+
     if threads:
         torch.set_num_threads(threads)
     cache.mkdir(parents=True, exist_ok=True)
-    times: dict[str, tuple[float, bool]] = {}
     base = {"seed": seed}  # each stage's key: only what changes its output (and the keys of its inputs)
     mllm = {"batch_size": size.batch_size, "max_tokens": size.max_tokens}
+    tok_config = REPO / "configs/tokenizer/demo.yaml"
+    tok_precision, why = resolve_precision(
+        TokenizerTrainConfig.load(tok_config, list(tokenizer_overrides)).train.mixed_precision)
+    stages: dict[str, Stage] = {}
     if tokenizer is None:
         variant = {"overrides": list(tokenizer_overrides)} if tokenizer_overrides else {}
-        tok = Stage(cache, "tokenizer", {**base, "steps": size.tokenizer_steps, **variant,
-                                          "config": _digest(REPO / "configs/tokenizer/demo.yaml")})
-        times["tokenizer"] = tok.run(lambda d: train_tokenizer(d, size, seed, list(tokenizer_overrides)))
+        # the precision `auto` picked is part of the key: bf16 and fp32 tokenizers differ
+        tok = stages["tokenizer"] = Stage(cache, "tokenizer", {**base, "steps": size.tokenizer_steps, **variant,
+                                                               "config": _digest(tok_config),
+                                                               "precision": tok_precision})
         tok_dir, tok_key = tok.dir / "model", tok.key
     else:  # a given tokenizer (e.g. trained by an earlier demo): its weights identify it
         tok_dir = Path(tokenizer)
         tok_key = _digest(tok_dir / "model.safetensors")
     template = chat_template_name()
-    data = Stage(cache, "data", {**base, "tokenizer": tok_key, "scenes": size.train_scenes,
-                                 "prompt_scenes": size.prompt_scenes, "chat_template": template,
-                                 "builder": _source_digest(build_data, vqa_record, texts_for_tokenizer),
-                                 "world": _digest(REPO / "eval/shapes/world.py")})
-    times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed, template))
+    data = stages["data"] = Stage(cache, "data", {
+        **base, "tokenizer": tok_key, "scenes": size.train_scenes, "prompt_scenes": size.prompt_scenes,
+        "chat_template": template, "builder": _source_digest(build_data, vqa_record, texts_for_tokenizer),
+        "world": _digest(REPO / "eval/shapes/world.py")})
     # --curves: the MLLM runs export snapshots, which leave their training unchanged (tested) but must exist, so
     # they are part of the stages' keys
     pre_snapshots = snapshot_override(size.pretrain_steps) if curves else []
-    pre = Stage(cache, "pretrain", {**base, **mllm, "data": data.key, "steps": size.pretrain_steps,
-                                    "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml"),
-                                    **({"snapshots": pre_snapshots} if pre_snapshots else {})})
-    times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
-                                                     size.pretrain_steps, size, seed, None, pre_snapshots))
+    pre = stages["pretrain"] = Stage(cache, "pretrain", {
+        **base, **mllm, "data": data.key, "steps": size.pretrain_steps,
+        "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml"),
+        **({"snapshots": pre_snapshots} if pre_snapshots else {})})
     phases = instruct_phases(size)
     if curves:
         phases = [(recipe, steps, overrides + snapshot_override(steps)) for recipe, steps, overrides in phases]
-    ins = Stage(cache, "instruct", {**base, **mllm, "pretrain": pre.key,
-                                    "phases": [(steps, _digest(REPO / "configs/recipes" / recipe), overrides)
-                                               for recipe, steps, overrides in phases]})
+    ins = stages["instruct"] = Stage(cache, "instruct", {
+        **base, **mllm, "pretrain": pre.key,
+        "phases": [(steps, _digest(REPO / "configs/recipes" / recipe), overrides) for recipe, steps, overrides in phases]})
+    ev = stages["eval"] = Stage(cache, "eval", {**base, "instruct": ins.key, "test_scenes": size.test_scenes,
+                                                "prompts_per_tag": size.prompts_per_tag})
+    if curves:
+        cur = stages["curves"] = Stage(cache, "curves", {**base, "instruct": ins.key, "test_scenes": size.test_scenes})
+    machine = announce_machine(size, tok_precision, why, [k for k, st in stages.items() if st.cached() is None])
+
+    times: dict[str, tuple[float, bool]] = {}
+    if tokenizer is None:
+        times["tokenizer"] = tok.run(lambda d: train_tokenizer(d, size, seed, list(tokenizer_overrides)))
+    times["data"] = data.run(lambda d: build_data(d, tok_dir, size, seed, template))
+    times["pretrain"] = pre.run(lambda d: train_mllm(d, "demo-pretrain.yaml", data.dir, tok_dir,
+                                                     size.pretrain_steps, size, seed, None, pre_snapshots))
     times["instruct"] = ins.run(lambda d: instruct(d, phases, data.dir, tok_dir, size, seed, pre.dir / "model"))
-    ev = Stage(cache, "eval", {**base, "instruct": ins.key, "test_scenes": size.test_scenes,
-                               "prompts_per_tag": size.prompts_per_tag})
     times["eval"] = ev.run(lambda d: evaluate(d, ins.dir / "model", tok_dir, size, seed))
     results = json.loads((ev.dir / "results.json").read_text())
     if curves:
@@ -447,9 +604,9 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
         for k, (recipe, steps, _) in enumerate(phases):
             run = phase_dir(ins.dir, k, recipe)
             runs.append((run.name, steps, run, run / "model" if k < len(phases) - 1 else ins.dir / "model"))
-        cur = Stage(cache, "curves", {**base, "instruct": ins.key, "test_scenes": size.test_scenes})
         times["curves"] = cur.run(lambda d: learning_curves(d, runs, tok_dir, size, seed))
         results["curves"] = json.loads((cur.dir / "curves.json").read_text())
+    results["machine"] = machine
     results["stages"] = {k: {"seconds": s, "cached": c} for k, (s, c) in times.items()}
     results["paths"] = {"tokenizer": str(tok_dir), "model": str(ins.dir / "model"),
                         "grid": str(ev.dir / "generations.png")}
@@ -517,6 +674,15 @@ def format_stage_times(stages: dict) -> str:
     return line + ("   (* cached from an earlier run)" if any(v["cached"] for v in stages.values()) else "")
 
 
+def format_machine(machine: dict, stages: dict) -> str:
+    ran = {k: v["seconds"] for k, v in stages.items() if not v["cached"]}
+    est = sum(machine["estimate_seconds"].get(k, 0) for k in ran)
+    return (f"machine: {machine['cpu']}, torch {machine['capability']}, {machine['threads']} threads, fp32 "
+            f"{machine['fp32_gflops']:.0f} / bf16 {machine['bf16_gflops']:.1f} GFLOP/s, tokenizer in "
+            f"{'bf16' if machine['tokenizer_precision'] == 'bf16' else 'fp32'}; the stages run took "
+            f"{minutes(sum(ran.values()))} against {minutes(est)} estimated")
+
+
 def format_table(results: dict) -> str:
     from eval.shapes.evaluate import format_scores
 
@@ -529,6 +695,7 @@ def format_table(results: dict) -> str:
              *([format_curves(results["curves"]), ""] if results.get("curves") else []),
              *format_chat_drawing(results),
              format_stage_times(results["stages"]),
+             *([format_machine(results["machine"], results["stages"])] if results.get("machine") else []),
              f"total {sum(v['seconds'] for v in results['stages'].values()) / 60:.1f} min of compute;  "
              f"grid of generations: {results['paths']['grid']}",
              f"chat with it:  unitok chat --model {results['paths']['model']} --tokenizer "

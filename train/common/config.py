@@ -73,6 +73,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
+        if value is False and "no" in args:
+            value = "no"  # YAML 1.1 reads a bare `no` (accelerate's word for fp32) as false
         if value not in args:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

@@ -76,7 +76,8 @@ class LoopConfig:
     # learning curves: weights only, so a few MB each for the demo's model; 0: off
     snapshot_every: int = 0
     log_every: int = 10
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 autocast on a GPU, and on a CPU only where bf16 is native and faster (train.common.precision)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     deepspeed: str | None = None  # a configs/deepspeed/*.json; "auto" fields are filled from this recipe
     tensorboard: bool = True
     wandb: bool = False

@@ -25,6 +25,7 @@ from train.common.checkpoint import CheckpointManager, capture_rng_state, check_
 from tokenizer.checkpoint import claim_output
 from train.common.config import save_yaml
 from train.common.optim import build_adamw
+from train.common.precision import log_precision, resolve_precision
 from train.common.schedule import warmup_cosine_scheduler
 from train.common.tracking import MetricsWriter, progress_bar
 from train.data.loader import MLLMDataLoader
@@ -130,18 +131,13 @@ def deepspeed_plugin(cfg: MLLMTrainConfig, world_size: int):
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = micro * cfg.train.grad_accum * world_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    bf16 = resolve_precision(cfg) == "bf16"
+    bf16 = resolve_precision(cfg.train.mixed_precision)[0] == "bf16"
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)
     zero = ds.setdefault("zero_optimization", {})  # bucket-size "auto"s: accelerate fills them from hidden_size
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         ds["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW works with offload
     return DeepSpeedPlugin(hf_ds_config=ds)
-
-
-def resolve_precision(cfg: MLLMTrainConfig) -> str:
-    mp = cfg.train.mixed_precision
-    return ("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp
 
 
 def build_accelerator(cfg: MLLMTrainConfig):
@@ -167,8 +163,9 @@ def build_accelerator(cfg: MLLMTrainConfig):
     # a run of its own: accelerate keeps one state per process, which an earlier run in this process (the demo's
     # fp32 tokenizer stage, a test) would otherwise have fixed, precision included
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=resolve_precision(cfg), gradient_accumulation_steps=cfg.train.grad_accum,
-                       deepspeed_plugin=plugin, kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision=log_precision(cfg.train.mixed_precision, "MLLM training"),
+                       gradient_accumulation_steps=cfg.train.grad_accum, deepspeed_plugin=plugin,
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
 # ================================================================================================ trainer

@@ -130,7 +130,8 @@ class TrainConfig:
     steps: int = 78_125             # 1.28e9 samples (DataComp, one epoch) / 16,384 global batch
     batch_size: int = 64            # per process (`local_bs`)
     seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    # auto: bf16 autocast on a GPU, and on a CPU only where bf16 is native and faster (train.common.precision)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     tf32: bool = True
     output_dir: str = "runs/unitok-tokenizer"
     log_every: int = 20
