@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -302,10 +303,24 @@ def png_header_only(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def test_importing_our_packages_leaves_pils_pixel_guard_alone():
+    """The pixel limit is ours per open: importing the packages must not turn off PIL's decompression-bomb guard for
+    every other image reader in the process (a server's included)."""
+    code = ("import PIL.Image as I; before = I.MAX_IMAGE_PIXELS; import tokenizer, tokenizer.image, mllm, "
+            "mllm.cli, train.common.datasources, train.data.sources, serve.api, eval.vqa_runner; "
+            "print(before, I.MAX_IMAGE_PIXELS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] != "None"
+
+
 def test_oversized_images_are_refused_before_decoding(tmp_path, tok_dir, capsys, monkeypatch):
     (tmp_path / "bomb.png").write_bytes(png_header_only(30000, 30000))
-    with pytest.raises(ValueError, match=r"bomb.png is 30000x30000 = 900000000 pixels, over the limit of 67108864"):
+    # beyond PIL's own guard (which we leave as it is), its refusal becomes our one line
+    with pytest.raises(ValueError, match=r"bomb.png has 900000000 pixels, over the limit of 67108864 "):
         load_image(tmp_path / "bomb.png")
+    (tmp_path / "big.png").write_bytes(png_header_only(10000, 8000))  # under PIL's guard, over ours
+    with pytest.raises(ValueError, match=r"big.png is 10000x8000 = 80000000 pixels, over the limit of 67108864"):
+        load_image(tmp_path / "big.png")
     code, err = cli(["encode", str(tmp_path / "bomb.png"), "--tokenizer", str(tok_dir), "--out",
                      str(tmp_path / "c.safetensors")], capsys)
     assert code == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -18,9 +19,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 PIXEL_LIMIT_ENV = "UNITOK_MAX_IMAGE_PIXELS"
 DEFAULT_PIXEL_LIMIT = 8192 * 8192  # far above any training size; a decompression bomb is far above this
 TRANSPARENT_BACKGROUND = (255, 255, 255)  # what transparent pixels become (white, as browsers show them)
-# open_image applies our configurable limit to every image we read, with a message naming the file; PIL's global
-# check (a warning, then an error at twice its own fixed limit) would pre-empt it with neither.
-Image.MAX_IMAGE_PIXELS = None
 
 
 def pixel_limit() -> int:
@@ -39,7 +37,15 @@ def open_image(source, name: str) -> Image.Image:
     """Open a path or file object, refuse more than :func:`pixel_limit` pixels before decoding them, decode, and
     return :func:`to_rgb` of it. PIL's errors are left to the caller (they differ per format)."""
     limit = pixel_limit()
-    with Image.open(source) as img:
+    try:
+        opened = Image.open(source)
+    except Image.DecompressionBombError as err:
+        # PIL's own process-wide guard (twice Image.MAX_IMAGE_PIXELS; left as the application set it) refused first
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        raise ValueError(f"image {name} has {pixels.group(1) if pixels else 'too many'} pixels, over the limit of "
+                         f"{min(limit, 2 * (Image.MAX_IMAGE_PIXELS or 0)) or limit} (to allow more, raise "
+                         f"{PIXEL_LIMIT_ENV} and, past PIL's own guard, PIL.Image.MAX_IMAGE_PIXELS)") from None
+    with opened as img:
         if img.width * img.height > limit:
             raise ValueError(f"image {name} is {img.width}x{img.height} = {img.width * img.height} pixels, over the "
                              f"limit of {limit} (set {PIXEL_LIMIT_ENV} to allow more)")

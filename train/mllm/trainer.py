@@ -10,6 +10,7 @@ Resume is exact: a run restarted from a checkpoint sees the same batches and RNG
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -150,22 +151,35 @@ def build_accelerator(cfg: MLLMTrainConfig):
     # the model runs every trainable submodule on every step (weight-0 passes for parts a batch lacks), so DDP needs
     # no unused-parameter search; a parameter left out would fail the step loudly instead of hanging ZeRO-3
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
-    plugin = None
+    plugin, scope = None, contextlib.nullcontext()
     if cfg.train.deepspeed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         plugin = deepspeed_plugin(cfg, world)
         if not torch.cuda.is_available():
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
-            import importlib
-
-            # the shared-memory all-reduce op (inference only) costs a 30 s JIT build on CPU: skip it
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+            scope = without_deepspeed_shm_build()
     # a run of its own: accelerate keeps one state per process, which an earlier run in this process (the demo's
     # fp32 tokenizer stage, a test) would otherwise have fixed, precision included
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=log_precision(cfg.train.mixed_precision, "MLLM training"),
-                       gradient_accumulation_steps=cfg.train.grad_accum, deepspeed_plugin=plugin,
-                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    with scope:  # the process group (and DeepSpeed's communication backend) is created here
+        return Accelerator(mixed_precision=log_precision(cfg.train.mixed_precision, "MLLM training"),
+                           gradient_accumulation_steps=cfg.train.grad_accum,
+                           deepspeed_plugin=plugin, kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+@contextlib.contextmanager
+def without_deepspeed_shm_build():
+    """DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op (used for inference only) when it is
+    created: a ~30 s C++ build on a CPU machine (seen with deepspeed 0.19.8). Skip that build for the backend created
+    inside this block only, and restore DeepSpeed's function after it."""
+    import deepspeed.comm.torch as ds_torch
+
+    original = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = original
 
 
 # ================================================================================================ trainer
