@@ -13,10 +13,12 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["tokenizer*", "mllm*", "train*", "eval*", "serve*"]),
+    # layers, bottom up: tokenizer, mllm (the models) < shapes, metrics (the toy world, the metric networks and
+    # GenEval's rules) < train, eval (never importing each other) < demo, serve (applications); configs is data
+    packages=find_packages(include=["tokenizer*", "mllm*", "shapes*", "metrics*", "train*", "eval*", "demo*",
+                                    "serve*", "configs*"]),
     py_modules=["unitok_cli"],
-    include_package_data=True,
-    package_data={"": ["*.yaml", "*.json", "*.html"]},
+    package_data={"configs": ["tokenizer/*.yaml", "recipes/*.yaml", "deepspeed/*.json"], "serve": ["*.html"]},
     # Supported ranges. transformers moves fast (5.24 renamed the KV-cache kwarg), so its range lists only tested
     # releases; the floors of the others are the versions we test. constraints.txt pins the exact tested set (the
     # README and CI install with it); .ci/run also smoke-tests the newest releases and warns when one breaks us.

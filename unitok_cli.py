@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("train.demo", "the whole system in a toy world on a CPU: train, chat, draw, score (cached)"),
+    "demo": ("demo.pipeline", "the whole system in a toy world on a CPU: train, chat, draw, score (cached)"),
     "encode": ("tokenizer.cli:encode", "images -> UniTok codes (safetensors)"),
     "decode": ("tokenizer.cli:decode", "UniTok codes -> PNG images"),
     "train-tokenizer": ("train.tokenizer.cli", "train a UniTok tokenizer from a YAML config"),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .geneval import COLORS
+from metrics.geneval import COLORS
 
 __all__ = ["Candidate", "Mask2FormerDetector", "instance_postprocess", "mask_boxes", "masked_crop", "COLOR_TEMPLATES"]
 
@@ -78,7 +78,7 @@ def masked_crop(image: Image.Image, mask: np.ndarray, box: Sequence[float], back
 
 
 class Mask2FormerDetector:
-    """:class:`eval.geneval.Detector`: transformers Mask2Former boxes and masks, CLIP colours."""
+    """:class:`metrics.geneval.Detector`: transformers Mask2Former boxes and masks, CLIP colours."""
 
     name = "transformers detector"
     calibrated = True

@@ -312,11 +312,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         inception = lpips = None
         if args.inception_weights:
-            from .inception import InceptionV3Features
+            from metrics.inception import InceptionV3Features
 
             inception = InceptionV3Features.from_file(args.inception_weights).to(device)
         if args.lpips_weights:
-            from train.tokenizer.lpips import LPIPS
+            from metrics.lpips import LPIPS
 
             lpips = LPIPS.from_pretrained(args.lpips_weights, sqrt_eps=0.0).to(device)
         paths = list_images(args.data)[:args.limit]

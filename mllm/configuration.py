@@ -8,18 +8,10 @@ RMS eps, tied or untied head all come from it) extended with the fields that des
 * ``projection_dim`` / ``projection_heads``: the causal attention projection of the code embedder;
 * ``depth_layers``: Llama layers of the depth head that emits the K sub-codes of one image position;
 * ``image_positions`` (N): positions per image (16×16 = 256 for the released tokenizer at 256 px);
-* ``image_position_embedding``: add an embedding per image position (its 2-D cell) to the code embedder's output:
-  ``True``/``"learned"`` (a learned table, initialised at the text embeddings' scale) or ``"sincos"`` (MAE's fixed
-  2-D sin-cos table: half the channels encode the row, half the column, each of norm ~5.7, near the image content's
-  scale) or ``"ramp"`` (a learned table initialised linear in the cell's row and column: ``RAMP_NORM`` × (x·u + y·v)
-  with x, y in [-1, 1] and u, v two random orthonormal directions, so that the offset between two cells is the
-  difference of their rows: tried for the demo's "Is the red circle left of the blue square?", README). Off
-  (``False``) in the release, whose image embeddings carry position only through the backbone's 1-D RoPE index; an
-  option for tokenizers whose codes are translation-invariant (the demo's shapes world);
-* ``image_embedding_rms``: if set, RMS-normalise the code embedder's output and scale it to this RMS per coordinate
-  (a learnable RMSNorm, times this fixed factor). Off in the release, whose image embeddings reach norm 12-16
-  against ~0.3 for text embeddings (initialised N(0, 0.02)). Tried in the demo at 0.02, it lost 8 VQA points
-  (README, demo section);
+* ``image_position_embedding``: add a learned embedding per image position (its 2-D cell, initialised at the text
+  embeddings' scale) to the code embedder's output. Off in the release, whose image embeddings carry position only
+  through the backbone's 1-D RoPE index; on for tokenizers whose codes are translation-invariant (the demo's shapes
+  world). Other position tables and an image-embedding scale were tried for the demo and lost (docs/demo.md);
 * token ids: ``image_placeholder_id`` marks an image position in ``input_ids`` (and, in ``labels``, an image position whose
   codes are a training target), ``boi_token_id``/``eoi_token_id`` frame an image.
 
@@ -34,9 +26,6 @@ IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200  # the reference's placeholder id; never embedded as text
 
 
-IMAGE_POSITION_EMBEDDINGS = (False, True, "learned", "sincos", "ramp")
-
-
 class UniTokMLLMConfig(LlamaConfig):
     model_type = "unitok_mllm"
 
@@ -47,8 +36,7 @@ class UniTokMLLMConfig(LlamaConfig):
     projection_heads: int = 16
     depth_layers: int = 3
     image_positions: int = 256
-    image_position_embedding: bool | str = False
-    image_embedding_rms: float | None = None
+    image_position_embedding: bool = False
     image_placeholder_id: int = IMAGE_TOKEN_INDEX
     boi_token_id: int = 3
     eoi_token_id: int = 4
@@ -63,17 +51,8 @@ class UniTokMLLMConfig(LlamaConfig):
         if self.projection_dim % (self.num_codebooks * self.code_dim):
             raise ValueError(f"projection_dim {self.projection_dim} must be a multiple of the code width "
                              f"{self.num_codebooks}x{self.code_dim}")
-        if self.image_position_embedding not in IMAGE_POSITION_EMBEDDINGS:
-            raise ValueError(f"image_position_embedding must be one of {IMAGE_POSITION_EMBEDDINGS}, "
-                             f"got {self.image_position_embedding!r}")
-        side = round(self.image_positions ** 0.5)  # both tables encode the row and column of a square grid
-        kind = self.image_position_embedding
-        if kind in ("sincos", "ramp") and side * side != self.image_positions:
-            raise ValueError(f"image_position_embedding {kind!r} needs a square grid, got image_positions "
-                             f"{self.image_positions}")
-        if kind == "sincos" and self.hidden_size % 4:
-            raise ValueError(f"image_position_embedding 'sincos' needs hidden_size divisible by 4, "
-                             f"got {self.hidden_size}")
+        if not isinstance(self.image_position_embedding, bool):
+            raise ValueError(f"image_position_embedding must be true or false, got {self.image_position_embedding!r}")
         for name in ("num_codebooks", "codebook_size", "code_dim", "depth_layers", "image_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -30,7 +30,7 @@ Llama layers                    ``LlamaDecoderLayer`` attributes read by ``mllm.
                                 ``[B, T, head_dim]`` for ``position_ids`` ``[B, T]``; a decoder layer returning a
                                 tensor (not a tuple).
 ``LEGACY_ROPE_FIELDS``          v5 ``LlamaConfig`` keeps rope in ``rope_parameters`` but still converts the Llama-2
-                                ``config.json`` fields ``rope_theta`` / ``rope_scaling`` (read by ``mllm.convert``).
+                                ``config.json`` fields ``rope_theta`` / ``rope_scaling`` (read by ``mllm.weights``).
 packed batches                  ``FlashAttentionKwargs`` names ``cu_seq_lens_q/k``, ``max_length_q/k`` (passed through
                                 ``LlamaModel.forward(**kwargs)`` to the attention function; the varlen path flattens
                                 the batch, so several rows work); ``tests/test_packing.py`` also patches

@@ -43,42 +43,7 @@ from tokenizer.projection import AttnProjection, PlainAttention, ProjectionCache
 from tokenizer.quantizer import MultiCodebookQuantizer, SubCodebook
 
 from .configuration import IGNORE_INDEX, UniTokMLLMConfig
-
-
-def grid_side(positions: int) -> int:
-    """Side of the square grid of ``positions`` image positions (the config checks that it is square)."""
-    return int(round(positions ** 0.5))
-
-
-def sincos_2d(positions: int, dim: int) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table ``[positions, dim]`` for a square grid in raster order: the first half of the
-    channels encodes the row, the second the column, each as sin/cos pairs of geometric frequencies. (The config
-    checks that the grid is square and ``dim`` divisible by 4.)"""
-    side = grid_side(positions)
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    grid = torch.arange(side, dtype=torch.float64)
-    axis = torch.cat([torch.sin(grid[:, None] * omega), torch.cos(grid[:, None] * omega)], 1)  # [side, dim/2]
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    return torch.cat([axis[rows.flatten()], axis[cols.flatten()]], 1).float()
-
-
-RAMP_NORM = 12.0  # the image content's norm in the demo's model (12-16): a cell offset must not drown in it
-
-
-def position_ramp(positions: int, dim: int) -> torch.Tensor:
-    """A table ``[positions, dim]`` linear in each position's column x and row y (both in [-1, 1], square grid in raster
-    order): ``RAMP_NORM · (x·u + y·v)`` for two random orthonormal directions u, v. Linear, so the offset between two
-    cells — what "left of" and "above" compare — is the difference of their rows of the table."""
-    side = grid_side(positions)
-    u, v = torch.linalg.qr(torch.randn(dim, 2))[0].T
-    coord = torch.linspace(-1, 1, side)
-    rows, cols = torch.meshgrid(coord, coord, indexing="ij")
-    return RAMP_NORM * (cols.flatten()[:, None] * u + rows.flatten()[:, None] * v)
-
-
-class PositionRamp(nn.Embedding):
-    """The learned image-position table of ``image_position_embedding="ramp"``: an ``nn.Embedding`` (same state dict)
-    that ``_init_weights`` starts at :func:`position_ramp`."""
+from .weights import llama_fields, read_state_dict
 
 
 class CodeEmbedder(nn.Module):
@@ -94,16 +59,8 @@ class CodeEmbedder(nn.Module):
                                           nn.Linear(config.projection_dim, config.hidden_size), nn.GELU(),
                                           nn.Linear(config.hidden_size, config.hidden_size))
         # optional (config.image_position_embedding): which of the N positions an embedding belongs to
-        kind = config.image_position_embedding
-        table = {True: nn.Embedding, "learned": nn.Embedding, "ramp": PositionRamp}.get(kind)  # learned kinds
-        self.position_embedding = table(config.image_positions, config.hidden_size) if table else None
-        # a fixed table, not saved; ``_init_weights`` fills it (from_pretrained leaves non-persistent buffers empty)
-        self.register_buffer("position_table", sincos_2d(config.image_positions, config.hidden_size)
-                             if kind == "sincos" else None, persistent=False)
-        # optional (config.image_embedding_rms): image embeddings at the text embeddings' scale
-        self.output_norm = (LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-                            if config.image_embedding_rms is not None else None)
-        self.image_embedding_rms = config.image_embedding_rms
+        self.position_embedding = (nn.Embedding(config.image_positions, config.hidden_size)
+                                   if config.image_position_embedding else None)
 
     def lookup(self, codes: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Codes ``[M, K, N]`` -> ``[M, N, K·code_dim]``: each book's rows l2-normalised, books concatenated in order
@@ -122,12 +79,8 @@ class CodeEmbedder(nn.Module):
         index = torch.arange(codes.shape[2], device=codes.device) + (cache.length if cache is not None else 0)
         f = self.lookup(codes, check).to(self.mm_projector[1].weight.dtype)
         x = self.mm_projector(self.attn_projection(f, cache))
-        if self.output_norm is not None:  # a fixed factor: the learnable weight starts at 1, as every norm's
-            x = self.output_norm(x) * self.image_embedding_rms
         if self.position_embedding is not None:
             x = x + self.position_embedding(index)
-        elif self.position_table is not None:
-            x = x + self.position_table[index].to(x.dtype)
         return x
 
 
@@ -206,10 +159,6 @@ class UniTokMLLMPreTrainedModel(PreTrainedModel):
             hf.init.zeros_(module.q_bias)
             hf.init.zeros_(module.v_bias)
             hf.init.zeros_(module.zero_k_bias)
-        elif isinstance(module, CodeEmbedder) and module.position_table is not None:
-            hf.init.copy_(module.position_table, sincos_2d(*module.position_table.shape))
-        elif isinstance(module, PositionRamp):
-            hf.init.copy_(module.weight, position_ramp(*module.weight.shape))
         elif isinstance(module, SubCodebook):  # reference ``vocab_init = -1`` (overwritten by the tokenizer's books)
             bound = module.codebook.weight.shape[1] ** -0.5 / 36
             hf.init.uniform_(module.codebook.weight, -bound, bound)
@@ -383,8 +332,6 @@ class UniTokMLLM(UniTokMLLMPreTrainedModel, GenerationMixin):
         ``lm_head`` are loaded, the code embedder comes from ``unitok`` (a :class:`tokenizer.UniTok`), the depth
         head is freshly initialised (as the reference does when it loads Llama-2)."""
         from pathlib import Path
-
-        from .convert import llama_fields, read_state_dict
 
         config = UniTokMLLMConfig(**{**llama_fields(Path(path) / "config.json"), **image_side})
         model = cls(config)

@@ -10,11 +10,12 @@ import torch
 import yaml
 
 import unitok_cli
-from eval.shapes import world as W
-from eval.shapes.evaluate import VQA_SUFFIX, answer, tokenizer_psnr, vqa_messages
+from shapes import world as W
+from eval.shapes.evaluate import answer, tokenizer_psnr, vqa_messages
+from shapes.suite import VQA_SUFFIX
 from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
 from mllm.generation import TextSampling, chat
-from train.demo import SIZES
+from demo.pipeline import SIZES
 
 
 @pytest.mark.slow
@@ -101,21 +102,6 @@ def test_demo_smoke_runs_every_stage_and_caches(tmp_path, capsys):
     scores = json.loads((tmp_path / "scores" / "results.json").read_text())
     assert scores["geneval"]["n_images"] == len(W.geneval_prompts(1))
 
-    # the text-to-image routing probe (README's "generation ignores the colour word") on the smoke model
-    from eval.shapes.probe import prompt_routing
-    from mllm.cli import load_mllm, load_unitok
-
-    model, processor = load_mllm(str(cache / "instruct" / "model"), "cpu")
-    routing = prompt_routing(model, processor, load_unitok(str(cache / "tokenizer" / "model"), model, model.device),
-                             n=32, n_ranked=3)
-    for attr, n_values in (("color", len(W.COLOR_NAMES)), ("shape", len(W.SHAPES))):
-        by_layer = routing["probe_by_layer"][attr]
-        assert len(by_layer) == model.config.num_hidden_layers + 1 and by_layer[-1] == routing["probe"][attr]
-        assert all(0 <= v <= 1 for v in by_layer)
-        lk = routing["likelihood"][attr]
-        assert lk["best"] in (0, 1 / 3, 2 / 3, 1) and 0 <= lk["mean_rank"] <= n_values - 1
-        assert lk["chance_rank"] == (n_values - 1) / 2
-
     # the ablation: the default's stages come from the cache, the contrastive tokenizer is the same recipe + CLIP
     capsys.readouterr()
     assert unitok_cli.main(["demo", "--size", "smoke", "--cache-dir", str(cache), "--ablation"]) == 0
@@ -171,7 +157,7 @@ def test_demo_estimate_scales_each_stage_by_its_own_workload():
     """The announced estimate: on the reference machine the full demo fits its 30-minute budget (the margin aside);
     a machine whose tokenizer steps take 3x as long and MLLM steps 2x (an AVX2-only CPU in fp32) gets exactly those
     factors on the tokenizer and data stages, and on the MLLM stages."""
-    from train.demo import (BUDGET_MINUTES, ESTIMATE_MARGIN, REFERENCE_STEP_SECONDS, STAGE_OVERHEAD_SECONDS,
+    from demo.pipeline import (BUDGET_MINUTES, ESTIMATE_MARGIN, REFERENCE_STEP_SECONDS, STAGE_OVERHEAD_SECONDS,
                             estimate_seconds)
 
     stages = ["tokenizer", "data", "pretrain", "instruct", "eval"]
@@ -259,7 +245,7 @@ def test_batched_answers_equal_one_by_one_chat():
 
 def test_stage_keys_ignore_comments_but_not_values(tmp_path):
     """A stage is retrained when what its config or source says changes, not when a comment is edited."""
-    from train.demo import _digest
+    from demo.pipeline import _digest
 
     config, source = tmp_path / "demo.yaml", tmp_path / "world.py"
     config.write_text("optim:\n  lr: 4.0e-4  # a comment\n")
@@ -277,7 +263,7 @@ def test_builder_keys_ignore_comments_but_not_code(tmp_path, monkeypatch):
     """The data stage's key digests its builder's code: a comment edit there must not retrain data and pretraining."""
     import importlib
 
-    from train.demo import _source_digest
+    from demo.pipeline import _source_digest
 
     monkeypatch.syspath_prepend(str(tmp_path))
     versions = {"a": "def build(x):\n    return x + 1  # why\n",
@@ -292,7 +278,7 @@ def test_builder_keys_ignore_comments_but_not_code(tmp_path, monkeypatch):
 
 def test_stage_times_legend_only_when_a_stage_is_cached():
     """The "* cached" legend explains a star; a run that trained every stage has no star and no legend."""
-    from train.demo import format_stage_times
+    from demo.pipeline import format_stage_times
 
     fresh = {"tokenizer": {"seconds": 548.2, "cached": False}, "eval": {"seconds": 41.0, "cached": False}}
     assert format_stage_times(fresh) == "stage times (s):  tokenizer 548  eval 41"

@@ -265,7 +265,7 @@ def test_shapes_exports_score_as_the_shapes_world_does(pair, tmp_path):
     runner resumes and answers the rest), so the figures are neither 0 nor 100."""
     from eval.scorers import mme_answer, pope_scores
     from eval.shapes import export
-    from eval.shapes.evaluate import test_scenes
+    from shapes.suite import test_scenes
     from eval.vqa_metric import official_round, single_answer_accuracy
 
     counts = export.export(tmp_path / "x", test_scenes(6))
@@ -317,10 +317,11 @@ def test_shapes_geneval_export_through_the_runners(pair, tmp_path, capsys):
     """GenEval end to end on files: the exported metadata -> ``eval geneval`` -> ``eval geneval-score --detector
     shapes`` gives the images and verdicts ``unitok eval shapes`` (evaluate_generation) gives; half the samples
     replaced by renders of what their prompt asks are then scored correct, so the figure is neither 0 nor 1."""
-    from eval.geneval import summarize
+    from metrics.geneval import summarize
     from eval.shapes import export
-    from eval.shapes import world as W
-    from eval.shapes.evaluate import evaluate_generation, test_scenes
+    from shapes import world as W
+    from eval.shapes.evaluate import evaluate_generation
+    from shapes.suite import test_scenes
     from mllm.cli import load_mllm, load_unitok
     from mllm.generation import ImageSampling
 

@@ -1,4 +1,4 @@
-"""GenEval: one rule engine (eval/geneval.py) for two detectors, the transformers Mask2Former + CLIP port and the
+"""GenEval: one rule engine (metrics/geneval.py) for two detectors, the transformers Mask2Former + CLIP port and the
 shapes world's exact detector; the generation runner's layout, seeds and resume."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import unitok_cli
-from eval import geneval as R
+from metrics import geneval as R
 from eval.geneval_hf import Mask2FormerDetector, instance_postprocess, mask_boxes, masked_crop
-from eval.shapes import world as W
-from eval.shapes.detector import Detection
+from shapes import world as W
+from shapes.detector import Detection
 
 COW = 19  # the label of "cow" in COCO's (and GenEval's object_names.txt) order
 NAMES = [{13: "bench", COW: "cow"}.get(i, f"class{i}") for i in range(80)]

@@ -9,7 +9,7 @@ import json
 import random
 from pathlib import Path
 
-from eval.geneval import summarize
+from metrics.geneval import summarize
 from eval.scorers import read_jsonl, score_mme, score_pope
 
 POPE_POOL = ["Yes", "No", "Yes.", "No.", "yes", "no", "Yes, there is a dog.", "No, there is not.", "There is no dog.",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from eval.geneval import COLORS
+from metrics.geneval import COLORS
 from eval.geneval_generate import write_prompt_folder
-from eval.shapes import geneval as G
-from eval.shapes import world as W
-from eval.shapes.detector import detect
+from shapes import geneval as G
+from shapes import world as W
+from shapes.detector import detect
 from eval.shapes.vqa import score_vqa
 from eval.vqa_metric import normalize_answer
 
@@ -372,8 +372,10 @@ def test_score_folder_layout(tmp_path):
             W.render(W.scene_for_prompt(m, rng)).save(folder / "samples" / f"{k:04d}.png")
         Image.new("RGB", (64, 64), "white").save(folder / "samples" / "grid.png")  # skipped: not \d+.png
     (tmp_path / "notes").mkdir()  # skipped: not digits
-    results = G.score_folder(tmp_path)
-    assert len(results) == 2 * len(prompts)
+    from eval.geneval import score_folder
+
+    results, unreadable = score_folder(tmp_path, G.ShapesDetector())
+    assert not unreadable and len(results) == 2 * len(prompts)
     assert G.summarize(results)["overall"] == 1.0
 
 
@@ -427,7 +429,7 @@ def _matches(question: str, template: str) -> bool:
 
 
 def test_probe_targets_put_each_object_in_its_position():
-    from eval.shapes.probe import fit_probe, position_targets
+    from demo.probe import fit_probe, position_targets
 
     scene = W.Scene("s", (W.Obj("cross", "blue", "small", 8, 24), W.Obj("circle", "red", "large", 56, 56)))
     t = position_targets([scene])
@@ -443,15 +445,28 @@ def test_probe_targets_put_each_object_in_its_position():
                      torch.randint(0, 2, (100,), generator=g)) < 0.7  # noise is not
 
 
+def routing_probe(*names):
+    """Functions of the one-off routing probe script, docs/probes/prompt_routing.py."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "probes" / "prompt_routing.py"
+    spec = importlib.util.spec_from_file_location("prompt_routing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [getattr(module, n) for n in names]
+
+
 def test_object_conditioning_scores_the_object_position(tmp_path):
-    """The text-to-image probe's object NLL (README: "generation ignores the colour word") is the NLL of exactly the
+    """The text-to-image probe's object NLL (docs/demo.md: "generation ignores the colour word") is the NLL of exactly the
     codes at the object's position: codes after it leave it unchanged, its own change it, and over all positions it
     sums to the model's image cross-entropy. object_conditioning's three conditions are that NLL for the prompt as
     given, the prompt with the attribute word swapped, and the earlier positions' codes swapped."""
     import dataclasses
 
+    from demo.probe import cell_index
     from eval.shapes.evaluate import encode_scenes
-    from eval.shapes.probe import cell_index, object_conditioning, object_nll
+    object_conditioning, object_nll = routing_probe("object_conditioning", "object_nll")
     from mllm.cli import load_mllm, load_unitok
     from mllm_train_helpers import write_tiny_pair
 

@@ -21,7 +21,7 @@ from train.tokenizer.discriminator import (
     hinge_d_loss,
     hinge_g_loss,
 )
-from train.tokenizer.lpips import LPIPS, VGG16Features, normalize_tensor
+from metrics.lpips import LPIPS, VGG16Features, normalize_tensor
 
 VGG_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 SLICES = [(1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30))]

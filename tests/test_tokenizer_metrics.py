@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import unitok_cli
-from eval.inception import InceptionV3Features
+from metrics.inception import InceptionV3Features
 from eval.tokenizer_metrics import (center_crop_arr, codebook_usage, fid_from_features, llamagen_pair, psnr, ssim,
                                     topk_hits, zero_shot_classifier)
 
@@ -157,7 +157,7 @@ def tiny_tokenizer(tmp_path_factory):
 def test_reconstruction_figures_through_the_cli(tiny_tokenizer, tmp_path, capsys):
     from tokenizer import UniTok
     from tokenizer.image import to_tensor
-    from train.tokenizer.lpips import LPIPS
+    from metrics.lpips import LPIPS
 
     data = tmp_path / "images"
     (data / "sub").mkdir(parents=True)

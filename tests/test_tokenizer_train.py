@@ -248,7 +248,7 @@ def test_gan_schedule_and_reconstruction_losses():
 
 # ================================================================================================ shapes world
 def test_shapes_source_is_deterministic_exact_and_resumable():
-    from eval.shapes import world as W
+    from shapes import world as W
     from train.tokenizer.data import ShapesDataset, to_tensor
 
     ds = ShapesDataset(1000, "train", seed=3)

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from mllm.generation import ImageSampling, TextSampling, generate_replies
+from shapes import world as W
+from shapes.geneval import ShapesDetector, score_image, summarize
+from shapes.suite import VQA_SUFFIX, test_scenes
 
-from . import world as W
-from .geneval import score_image, summarize
+from ..geneval import score_folder
+from ..geneval_generate import generate_folder
+from .export import export
 from .vqa import score_vqa
-
-VQA_SUFFIX = " Answer the question using a single word or phrase."
 
 
 def vqa_messages(question: str) -> list[dict]:
@@ -101,10 +103,6 @@ def evaluate_generation(model, processor, unitok, prompts: list[dict], images_pe
 
     from tokenizer.image import load_image, to_tensor
 
-    from ..geneval import score_folder
-    from ..geneval_generate import generate_folder
-    from .geneval import ShapesDetector
-
     sampling = sampling or ImageSampling(cfg_scale=3.0, temperature=1.0, top_k=0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir) if out_dir is not None else Path(tmp)
@@ -125,8 +123,7 @@ def vqa_through_runner(model_dir: str | Path, tokenizer_dir: str | Path, scenes:
     import contextlib
     import io
 
-    from .. import vqa_runner
-    from .export import export
+    from .. import vqa_runner  # loads transformers' tokenizers: only when a benchmark is run
 
     export(out / "files", scenes)
     p = argparse.ArgumentParser()
@@ -154,13 +151,6 @@ def reconstruction_ceiling(unitok, prompts: list[dict], seed: int = 0) -> dict[s
 
 
 # ---------------------------------------------------------------------------- CLI: unitok eval shapes
-def test_scenes(n: int, seed: int = 0) -> list:
-    """The held-out scenes scored by ``unitok demo`` and ``unitok eval shapes`` (the same ones for the same seed).
-    ``seed + 1``: a different stream from the demo's training draw with ``seed`` (the split hash alone already keeps
-    test layouts out of training)."""
-    return W.generate_split("test", n, seed=seed + 1)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="MLLM folder")
     p.add_argument("--tokenizer", required=True, help="UniTok tokenizer (64 px for this world)")
@@ -216,6 +206,6 @@ def format_scores(psnr: float, vqa: dict, gen: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["test_scenes", "tokenizer_psnr", "reconstruction_ceiling", "encode_scenes", "answer", "evaluate_vqa",
+__all__ = ["tokenizer_psnr", "reconstruction_ceiling", "encode_scenes", "answer", "evaluate_vqa",
            "evaluate_generation", "vqa_through_runner",
            "format_scores", "vqa_messages", "VQA_SUFFIX", "images_tensor"]

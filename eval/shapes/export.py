@@ -22,8 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import world as W
-from .evaluate import VQA_SUFFIX, test_scenes
+from shapes import world as W
+from shapes.suite import VQA_SUFFIX, test_scenes
 
 
 def _jsonl(path: Path, rows) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+import configs
+
 T = TypeVar("T")
 
 
@@ -171,7 +173,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = configs.resolve(path)  # a relative configs/... path falls back to the packaged configs
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:

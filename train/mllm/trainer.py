@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import configs
+
 from mllm import MLLMProcessor, UniTokMLLM, UniTokMLLMConfig
 from mllm import hf_compat as hf
 from mllm.configuration import image_side_from_tokenizer
@@ -123,7 +125,7 @@ def deepspeed_plugin(cfg: MLLMTrainConfig, world_size: int):
     batches come from our own loader), and gradient clipping always explicit (DeepSpeed defaults to 1.0)."""
     from accelerate.utils import DeepSpeedPlugin
 
-    path = Path(cfg.train.deepspeed)
+    path = configs.resolve(cfg.train.deepspeed)
     if not path.is_file():
         raise FileNotFoundError(f"train.deepspeed: no DeepSpeed config at {path}")
     ds = json.loads(path.read_text())

@@ -46,7 +46,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     bad_check_min_records: int = 1000
     log_bad_records: int = 20      # log each of the first N skipped records individually
-    # format "shapes" (no paths): scenes of the shapes world (eval/shapes/world.py) rendered on the fly. Record i of
+    # format "shapes" (no paths): scenes of the shapes world (shapes/world.py) rendered on the fly. Record i of
     # the virtual dataset is a pure function of (shapes_seed, shapes_split, i); only layouts that hash to the split
     # are drawn, so a "train" run never sees a test layout. Captions are the world's captions (one per visit).
     shapes_split: Literal["train", "validation", "test"] = "train"

@@ -7,7 +7,7 @@ Sources (``data.format``, or ``auto`` from the paths):
 * ``jsonl``: ``{"image": path, "text": ...}`` per line, paths relative to the JSONL file (or ``data.image_root``);
 * ``parquet``: an image column holding bytes, a path, or datasets' ``Image`` struct, plus a text column;
 * ``webdataset``: tar shards (``load_dataset("webdataset", data_files=...)``), e.g. ``{000..139}.tar``;
-* ``shapes``: no files: shapes-world scenes (``eval/shapes/world.py``) drawn and rendered on the fly, deterministic in
+* ``shapes``: no files: shapes-world scenes (``shapes/world.py``) drawn and rendered on the fly, deterministic in
   ``data.shapes_seed`` (:class:`ShapesDataset`).
 
 Images are decoded here, not by ``datasets``, so that an unreadable record is skipped with its reason and counted
@@ -129,7 +129,7 @@ class ShapesDataset:
     """
 
     def __init__(self, n: int, split: str = "train", seed: int = 0) -> None:
-        from eval.shapes.world import SPLITS
+        from shapes.world import SPLITS
 
         if split not in SPLITS:
             raise ValueError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -142,7 +142,7 @@ class ShapesDataset:
     def scene(self, i: int):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        from eval.shapes.world import make_scene, scene_split
+        from shapes.world import make_scene, scene_split
 
         rng = np.random.default_rng([self.seed, self.split_index, int(i), 0x5A9E])
         while True:
@@ -151,7 +151,7 @@ class ShapesDataset:
                 return scene
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from eval.shapes.world import captions, render
+        from shapes.world import captions, render
 
         scene = self.scene(int(i))
         return {"image": render(scene), "text": captions(scene), "__key__": scene.id}

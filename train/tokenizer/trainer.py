@@ -72,7 +72,7 @@ def build_lpips(cfg: TokenizerTrainConfig, image_size: int) -> nn.Module | None:
         logger.warning("LPIPS loss disabled: image size %d < loss.lpips_min_resolution %d", image_size,
                        cfg.loss.lpips_min_resolution)
         return None
-    from .lpips import LPIPS
+    from metrics.lpips import LPIPS
 
     return LPIPS.from_pretrained(cfg.loss.lpips_path)
 
@@ -324,7 +324,7 @@ class TokenizerTrainer:
     # ------------------------------------------------------------------------------------------------ evaluation
     def _eval_images(self) -> torch.Tensor:
         """Held-out shapes-world test scenes, rendered exactly at the model's image size, in [-1, 1]."""
-        from eval.shapes.world import generate_split, render
+        from shapes.world import generate_split, render
 
         from .data import to_tensor
 

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..geneval import relative_position, revised_offset as _revised
+from metrics.geneval import relative_position, revised_offset as _revised
 
 __all__ = [
     "SHAPES", "COLORS", "COLOR_NAMES", "SIZES", "BACKGROUND_TONES", "BACKGROUND_KINDS", "RELATIONS", "NUMBER_WORDS",

@@ -1,4 +1,4 @@
-"""The shapes world's detector for GenEval's rules (``eval/geneval.py``).
+"""The shapes world's detector for GenEval's rules (``metrics/geneval.py``).
 
 GenEval's Mask2Former detector and CLIP colour classifier are replaced by the exact detector of ``detector.py``
 (class = shape, colour = palette colour of the segment); everything after detection is the one rule engine.
@@ -7,19 +7,18 @@ for template IoU; here a blob is an object iff the detector accepts it (``Detect
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
-from .. import geneval as rules
+from metrics import geneval as rules
 from .detector import DEFAULT_DETECTOR, Detection, DetectorConfig, detect
 
-__all__ = ["ShapesDetector", "score_image", "summarize", "score_folder"]
+__all__ = ["ShapesDetector", "score_image", "summarize"]
 
 summarize = rules.summarize
 
 
 class ShapesDetector:
-    """:class:`eval.geneval.Detector` over the exact shapes detector."""
+    """:class:`metrics.geneval.Detector` over the exact shapes detector."""
 
     name = "shapes detector"
     calibrated = False
@@ -41,11 +40,3 @@ def score_image(image: Any, metadata: Mapping[str, Any], config: DetectorConfig 
     """Score one generated image (PIL image, array or path) against GenEval metadata.
     Returns ``{"tag", "prompt", "correct", "reason", "metadata", "details"}``."""
     return rules.score_image(image, metadata, ShapesDetector(config))
-
-
-def score_folder(root: str | os.PathLike, config: DetectorConfig = DEFAULT_DETECTOR) -> list[dict[str, Any]]:
-    """Score a GenEval-layout folder with the shapes detector (unreadable images are an error here)."""
-    results, unreadable = rules.score_folder(root, ShapesDetector(config))
-    if unreadable:
-        raise ValueError(unreadable[0])
-    return results

@@ -38,8 +38,10 @@ import numpy as np
 import torch
 import yaml
 
+import configs
+import shapes.world
+
 logger = logging.getLogger("unitok.demo")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def minutes(seconds: float) -> str:
 
 def stage_work(size: DemoSize) -> dict[str, float]:
     """Each stage's work relative to the full size (its reference seconds scale with it)."""
-    from eval.shapes.world import GENEVAL_TAGS
+    from shapes.world import GENEVAL_TAGS
 
     full = SIZES["full"]
     scenes = lambda s: s.train_scenes + len(GENEVAL_TAGS) * s.prompt_scenes  # noqa: E731
@@ -137,7 +139,7 @@ def workload_step_seconds(tokenizer_precision: str) -> dict[str, float]:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        recipe = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-pretrain.yaml").model
+        recipe = MLLMTrainConfig.load(configs.path("recipes", "demo-pretrain.yaml")).model
         cfg = UniTokMLLMConfig.from_preset(recipe.preset, **{"vocab_size": 640,
                                                              **image_side_from_tokenizer(unitok.config),
                                                              **recipe.overrides})
@@ -243,7 +245,7 @@ def train_tokenizer(out: Path, size: DemoSize, seed: int, overrides: list[str] =
     from train.tokenizer.config import TokenizerTrainConfig
     from train.tokenizer.trainer import train
 
-    cfg = TokenizerTrainConfig.load(REPO / "configs" / "tokenizer" / "demo.yaml",
+    cfg = TokenizerTrainConfig.load(configs.path("tokenizer", "demo.yaml"),
                                     [f"train.steps={size.tokenizer_steps}", f"train.output_dir={out / 'run'}",
                                      f"data.shapes_seed={seed}", *overrides])
     train(cfg)
@@ -255,13 +257,13 @@ def chat_template_name() -> str:
     from mllm import UniTokMLLMConfig
     from train.mllm.config import MLLMTrainConfig
 
-    model = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-pretrain.yaml").model
+    model = MLLMTrainConfig.load(configs.path("recipes", "demo-pretrain.yaml")).model
     return UniTokMLLMConfig.from_preset(model.preset, **model.overrides).chat_template
 
 
 def texts_for_tokenizer(scenes, prompt_meta, template: str) -> list[str]:
-    from eval.shapes import world as W
-    from eval.shapes.evaluate import VQA_SUFFIX
+    from shapes import world as W
+    from shapes.suite import VQA_SUFFIX
     from mllm.conversation import get_template
 
     t = get_template(template)
@@ -287,7 +289,7 @@ def draw_request(prompt: str, k: int = 0) -> str:
 
 def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, template: str) -> None:
     """Codes of every training image, the text tokenizer, and the MLLM's JSONL sources."""
-    from eval.shapes import world as W
+    from shapes import world as W
     from eval.shapes.evaluate import encode_scenes
     from tokenizer import UniTok
     from train.text_tokenizer import train_sentencepiece
@@ -354,7 +356,7 @@ def build_data(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int, templa
 
 def vqa_record(scene_id: str, questions: list[dict], codes: list) -> str:
     """One JSONL line: a conversation asking ``questions`` in turn about one image (``<image>`` in the first)."""
-    from eval.shapes.evaluate import VQA_SUFFIX
+    from shapes.suite import VQA_SUFFIX
 
     conv = []
     for k, q in enumerate(questions):
@@ -376,7 +378,7 @@ def train_mllm(out: Path, recipe: str, data_dir: Path, tokenizer_dir: Path, step
     if init:
         overrides += ["model.preset=null", f"model.pretrained={init}"]
     overrides += list(recipe_overrides)
-    cfg = MLLMTrainConfig.load(REPO / "configs" / "recipes" / recipe, overrides)
+    cfg = MLLMTrainConfig.load(configs.path("recipes", recipe), overrides)
     cfg = replace(cfg, data=replace(cfg.data, sources=[
         replace(s, paths=[str(data_dir / Path(p).name) for p in s.paths]) for s in cfg.data.sources]))
     train(cfg)  # a run of its own, with its own precision (the trainers reset accelerate's per-process state)
@@ -389,7 +391,7 @@ def instruct_phases(size: DemoSize) -> list[tuple[str, int, list[str]]]:
     demo-selection.yaml)."""
     from train.mllm.config import MLLMTrainConfig
 
-    mixture_lr = MLLMTrainConfig.load(REPO / "configs" / "recipes" / "demo-instruct.yaml").optim.lr
+    mixture_lr = MLLMTrainConfig.load(configs.path("recipes", "demo-instruct.yaml")).optim.lr
     return [("demo-instruct.yaml", size.instruct_steps, []),
             ("demo-selection.yaml", size.selection_steps, []),
             ("demo-instruct.yaml", size.consolidate_steps, [f"optim.lr={mixture_lr / 2}"])]
@@ -423,8 +425,9 @@ def learning_curves(out: Path, runs: list[tuple[str, int, Path, Path]], tokenize
     stage folder holding ``run/``, its final model) in training order; steps are counted from the first run."""
     from tqdm import tqdm
 
-    from eval.shapes import world as W
-    from eval.shapes.evaluate import evaluate_vqa, test_scenes
+    from shapes import world as W
+    from eval.shapes.evaluate import evaluate_vqa
+    from shapes.suite import test_scenes
     from mllm.cli import load_mllm, load_unitok
     from train.mllm.trainer import snapshots
 
@@ -460,9 +463,10 @@ def format_curves(curves: list[dict]) -> str:
 
 
 def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> None:
-    from eval.shapes import world as W
-    from eval.shapes.evaluate import (evaluate_generation, evaluate_vqa, reconstruction_ceiling, test_scenes,
-                                      tokenizer_psnr, vqa_through_runner)
+    from shapes import world as W
+    from eval.shapes.evaluate import (evaluate_generation, evaluate_vqa, reconstruction_ceiling, tokenizer_psnr,
+                                      vqa_through_runner)
+    from shapes.suite import test_scenes
     from mllm.cli import load_mllm, load_unitok
     from mllm.generation import ImageSampling
     from tokenizer.image import make_grid
@@ -519,7 +523,7 @@ def evaluate(out: Path, model_dir: Path, tokenizer_dir: Path, size: DemoSize, se
 def evaluate_chat_drawing(model, processor, unitok, prompts: list[dict], seed: int) -> dict:
     """GenEval rules on pictures asked for in chat ("Draw a red circle."): the reply must be a picture (boi), which
     is then scored like a text-to-image sample; a reply in words scores 0."""
-    from eval.shapes.geneval import score_image, summarize
+    from shapes.geneval import score_image, summarize
     from mllm.generation import ImageSampling, TextSampling, reply
     from tokenizer.image import to_pil
 
@@ -552,7 +556,7 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
     cache.mkdir(parents=True, exist_ok=True)
     base = {"seed": seed}  # each stage's key: only what changes its output (and the keys of its inputs)
     mllm = {"batch_size": size.batch_size, "max_tokens": size.max_tokens}
-    tok_config = REPO / "configs/tokenizer/demo.yaml"
+    tok_config = configs.path("tokenizer", "demo.yaml")
     tok_precision, why = resolve_precision(
         TokenizerTrainConfig.load(tok_config, list(tokenizer_overrides)).train.mixed_precision)
     stages: dict[str, Stage] = {}
@@ -570,20 +574,20 @@ def run_demo(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = N
     data = stages["data"] = Stage(cache, "data", {
         **base, "tokenizer": tok_key, "scenes": size.train_scenes, "prompt_scenes": size.prompt_scenes,
         "chat_template": template, "builder": _source_digest(build_data, vqa_record, texts_for_tokenizer),
-        "world": _digest(REPO / "eval/shapes/world.py")})
+        "world": _digest(Path(shapes.world.__file__))})
     # --curves: the MLLM runs export snapshots, which leave their training unchanged (tested) but must exist, so
     # they are part of the stages' keys
     pre_snapshots = snapshot_override(size.pretrain_steps) if curves else []
     pre = stages["pretrain"] = Stage(cache, "pretrain", {
         **base, **mllm, "data": data.key, "steps": size.pretrain_steps,
-        "recipe": _digest(REPO / "configs/recipes/demo-pretrain.yaml"),
+        "recipe": _digest(configs.path("recipes", "demo-pretrain.yaml")),
         **({"snapshots": pre_snapshots} if pre_snapshots else {})})
     phases = instruct_phases(size)
     if curves:
         phases = [(recipe, steps, overrides + snapshot_override(steps)) for recipe, steps, overrides in phases]
     ins = stages["instruct"] = Stage(cache, "instruct", {
         **base, **mllm, "pretrain": pre.key,
-        "phases": [(steps, _digest(REPO / "configs/recipes" / recipe), overrides) for recipe, steps, overrides in phases]})
+        "phases": [(steps, _digest(configs.path("recipes", recipe)), overrides) for recipe, steps, overrides in phases]})
     ev = stages["eval"] = Stage(cache, "eval", {**base, "instruct": ins.key, "test_scenes": size.test_scenes,
                                                 "prompts_per_tag": size.prompts_per_tag})
     if curves:
@@ -706,7 +710,7 @@ def format_table(results: dict) -> str:
 def run_ablation(cache: Path, size: DemoSize, seed: int = 0, threads: int | None = None) -> dict:
     """Reconstruction-only (the default) against reconstruction + contrastive tokenizers, each followed by the same
     MLLM stages; the default's stages live in ``cache``, the contrastive ones in ``cache/contrastive``."""
-    from eval.shapes.probe import probe
+    from demo.probe import probe
     from mllm.cli import load_mllm, load_unitok
 
     rows = {}
