@@ -247,6 +247,7 @@ def train_tokenizer(out: Path, size: DemoSize, seed: int, overrides: list[str] =
 
     cfg = TokenizerTrainConfig.load(configs.path("tokenizer", "demo.yaml"),
                                     [f"train.steps={size.tokenizer_steps}", f"train.output_dir={out / 'run'}",
+                                     f"optim.warmup_steps={round(0.05 * size.tokenizer_steps)}",  # 5 %, every size
                                      f"data.shapes_seed={seed}", *overrides])
     train(cfg)
     shutil.move(str(out / "run" / "model"), str(out / "model"))

@@ -20,7 +20,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,16 +36,16 @@ API_KEY_ENV = "UNITOK_API_KEY"
 
 @dataclass
 class Limits:
-    """What one request may ask for (the server's flags)."""
+    """What one request may ask for. ``unitok serve`` has one flag per field (``--max-n``, ...), made from these."""
 
-    max_body_bytes: int = 16 << 20
-    max_image_bytes: int = 8 << 20
-    max_image_pixels: int = 4096 * 4096
-    max_images_per_request: int = 4
-    max_n: int = 10
-    request_timeout: float = 600.0
-    allow_remote_images: bool = False
-    remote_fetch_timeout: float = 5.0
+    max_body_bytes: int = field(default=16 << 20, metadata={"help": "bytes of a request body"})
+    max_image_bytes: int = field(default=8 << 20, metadata={"help": "bytes of one image, decoded from base64"})
+    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "width x height of one image"})
+    max_images_per_request: int = field(default=4, metadata={"help": "images in one chat request"})
+    max_n: int = field(default=10, metadata={"help": "images per /v1/images/generations request"})
+    request_timeout: float = field(default=600.0, metadata={"help": "seconds per request"})
+    allow_remote_images: bool = field(default=False, metadata={"help": "let image_url parts name http(s) URLs"})
+    remote_fetch_timeout: float = field(default=5.0, metadata={"help": "seconds to fetch a remote image"})
 
 
 class APIError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -22,13 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-rows", type=int, default=16, help="rows in the running batch (a guided image: 2)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--max-images-per-request", type=int, default=Limits.max_images_per_request)
-    p.add_argument("--max-image-bytes", type=int, default=Limits.max_image_bytes)
-    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
-    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
-    p.add_argument("--max-n", type=int, default=Limits.max_n, help="images per /v1/images/generations request")
-    p.add_argument("--request-timeout", type=float, default=Limits.request_timeout, help="seconds per request")
-    p.add_argument("--allow-remote-images", action="store_true", help="let image_url parts name http(s) URLs")
+    for f in dataclasses.fields(Limits):  # one flag per request limit, named, typed and defaulted by the field
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=help_text)
+        else:
+            kind = type(f.default)
+            p.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
     p.add_argument("--allowed-origins", nargs="*", default=None, help="CORS origins (off unless given)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -52,10 +53,7 @@ def build_server(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, max_images_per_request=args.max_images_per_request,
-                    max_n=args.max_n, request_timeout=args.request_timeout,
-                    allow_remote_images=args.allow_remote_images)
+    limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
     model, processor = load_mllm(str(model_dir), args.device, args.dtype)
     unitok = load_unitok(str(tokenizer), model, model.device)
     engine = Engine(model, processor, unitok, max_rows=args.max_batch_rows, max_queue=args.max_queue)

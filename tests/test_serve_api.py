@@ -327,3 +327,21 @@ def test_serve_flags_are_checked_before_loading(argv, named, capsys, tmp_path, m
     code = unitok_cli.main(["serve", *argv])
     err = capsys.readouterr().err
     assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_request_limit_is_a_serve_flag_with_the_limits_default():
+    """The server's flags are made from ``Limits``: one per field, with its default, and a given value reaches the
+    Limits the server is built with (a new limit cannot be forgotten in the CLI)."""
+    import argparse
+    import dataclasses
+
+    from serve.cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    defaults = p.parse_args([])
+    assert Limits(**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(Limits)}) == Limits()
+    given = p.parse_args(["--max-n", "3", "--request-timeout", "2.5", "--allow-remote-images",
+                          "--remote-fetch-timeout", "1.5"])
+    assert (given.max_n, given.request_timeout, given.allow_remote_images, given.remote_fetch_timeout) == (3, 2.5, True,
+                                                                                                          1.5)

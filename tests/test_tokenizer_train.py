@@ -227,7 +227,7 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert (large.loss.l1, large.loss.l2, large.loss.lpips, large.loss.vq, large.loss.clip) == (0.2, 1.0, 1.0, 1.0, 1.0)
     assert (large.optim.lr, large.optim.betas, large.optim.eps, large.optim.weight_decay) == (5e-4, (0.9, 0.95), 1e-6, 0.02)
     assert (large.disc.lr, large.disc.weight_decay, large.disc.betas, large.disc.weight) == (2e-5, 0.2, (0.5, 0.9), 0.4)
-    assert large.disc_start_step == round(0.375 * large.train.steps) and large.warmup_steps == 781
+    assert large.disc_start_step == round(0.375 * large.train.steps) and large.optim.warmup_steps == 781
     assert unitok_cli.main(["train-tokenizer", "--config", str(TINY), "--print-config", "train.steps=7"]) == 0
     assert "steps: 7" in capsys.readouterr().out
 
@@ -291,7 +291,7 @@ def test_shapes_training_logs_held_out_psnr(tmp_path):
     cfg = TokenizerTrainConfig.load(TINY, ["data.format=shapes", "data.num_workers=0", f"train.output_dir={out}",
                                            "loss.clip=0", "disc.enabled=false", "train.steps=6", "train.batch_size=4",
                                            "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
-                                           "model.grad_checkpointing=false", "train.grid_every=3"])
+                                           "model.gradient_checkpointing=false", "train.grid_every=3"])
     hist = train(cfg)
     assert all(h["clip"] == 0.0 for h in hist) and all("d_loss" not in h for h in hist)
     evals = [r for r in read_jsonl_metrics(out / "logs" / "metrics.jsonl") if "eval/psnr" in r]
@@ -312,7 +312,7 @@ def test_shapes_training_logs_held_out_psnr(tmp_path):
     hist2 = train(TokenizerTrainConfig.load(TINY, [*[f"{k}" for k in (
         "data.format=shapes", "data.num_workers=0", f"train.output_dir={out}", "loss.clip=0", "disc.enabled=false",
         "train.steps=8", "train.batch_size=4", "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
-        "model.grad_checkpointing=false")]]), resume="latest")
+        "model.gradient_checkpointing=false")]]), resume="latest")
     assert [h["step"] for h in hist2] == [7, 8]
     from train.common.schedule import WarmupCosine
 

@@ -299,3 +299,38 @@ def test_model_overrides_reject_a_typo_naming_the_nearest_field():
     with pytest.raises(ValueError, match="'hiden_size' is not a UniTokMLLMConfig field; did you mean 'hidden_size'"):
         UniTokMLLMConfig.from_preset("tiny", hiden_size=64)
     assert UniTokMLLMConfig.from_preset("tiny", num_codebooks=4).num_codebooks == 4
+
+
+def test_both_trainers_share_one_vocabulary_and_old_names_warn_for_one_release(tmp_path):
+    """One name per concept across the tokenizer and MLLM recipes (the shared optim and train sections): the old
+    tokenizer names still load, each with a one-line FutureWarning naming the new key; giving both is an error."""
+    import warnings
+
+    from train.common.config import ConfigError, LoopSection, OptimSection
+    from train.mllm.config import MLLMTrainConfig
+    from train.tokenizer.config import TokenizerTrainConfig
+
+    tok, mllm = TokenizerTrainConfig.load(None), MLLMTrainConfig.load(None)
+    assert isinstance(tok.optim, OptimSection) and isinstance(mllm.optim, OptimSection)
+    assert isinstance(tok.train, LoopSection) and isinstance(mllm.train, LoopSection)
+    assert {f for f in vars(tok.model)} >= {"pretrained", "gradient_checkpointing"}
+    assert {f for f in vars(mllm.model)} >= {"pretrained", "gradient_checkpointing"}
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model: {preset: tiny, grad_checkpointing: false, init_from: some/dir}\n"
+                      "optim: {warmup_fraction: 0.05}\ntrain: {steps: 300}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = TokenizerTrainConfig.load(recipe)
+    assert (cfg.model.gradient_checkpointing, cfg.model.pretrained, cfg.optim.warmup_steps) == (False, "some/dir", 15)
+    messages = sorted(str(w.message) for w in caught if w.category is FutureWarning)
+    assert messages == [
+        "config key 'model.grad_checkpointing' is deprecated and will be removed in the next release: use "
+        "'model.gradient_checkpointing'",
+        "config key 'model.init_from' is deprecated and will be removed in the next release: use 'model.pretrained'",
+        "config key 'optim.warmup_fraction' is deprecated and will be removed in the next release: use "
+        "'optim.warmup_steps' (here 15)"]
+    with pytest.raises(ConfigError, match="'model.grad_checkpointing' and 'model.gradient_checkpointing' are one"):
+        TokenizerTrainConfig.load(None, ["model.grad_checkpointing=false", "model.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match="'optim.warmup_fraction' and 'optim.warmup_steps' are one setting"):
+        TokenizerTrainConfig.load(None, ["optim.warmup_fraction=0.1", "optim.warmup_steps=3"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -30,6 +32,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {type(data).__name__}")
+    data = _renamed(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -49,6 +52,20 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         raise
     except (ValueError, TypeError) as err:  # __post_init__ checks: re-raise with the section for context
         raise ConfigError(f"invalid config {prefix.rstrip('.') or '<root>'}: {err}") from err
+
+
+def _renamed(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A section's old key names (``cls.RENAMED``: old -> new) are read as the new ones for one release, with a
+    one-line deprecation warning naming the new key."""
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"config keys {prefix + old!r} and {prefix + new!r} are one setting: give only "
+                                  f"{prefix + new!r}")
+            warnings.warn(f"config key {prefix + old!r} is deprecated and will be removed in the next release: use "
+                          f"{prefix + new!r}", FutureWarning, stacklevel=4)
+            data = {(new if k == old else k): v for k, v in data.items()}
+    return data
 
 
 def _type_name(tp: Any) -> str:
@@ -188,10 +205,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Read ``path`` (YAML), apply ``overrides``, validate into ``cls``. Errors name the file and the key."""
+    """Read ``path`` (YAML), apply ``overrides``, validate into ``cls``. Errors name the file and the key. A config
+    class may define ``upgrade(data)`` to read a deprecated setting that is not a plain rename."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     try:
+        if hasattr(cls, "upgrade"):
+            data = cls.upgrade(data)
         return from_dict(cls, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
@@ -199,3 +219,45 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
 
 def save_yaml(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------- shared sections
+@dataclass
+class OptimSection:
+    """``optim``: AdamW with a linear warmup, then a cosine to ``min_lr_ratio * lr`` at ``train.steps``. Both
+    trainers read this section; each sets its own defaults."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class LoopSection:
+    """``train``: the loop and its checkpoints. Both trainers read this section (each adds its own keys)."""
+    steps: int = 100
+    seed: int = 0
+    output_dir: str = "runs/train"
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    # auto: bf16 autocast on a GPU, and on a CPU only where bf16 is native and faster (train.common.precision)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "save_every", "keep_last", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+

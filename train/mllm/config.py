@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from train.common.config import load_config
+from train.common.config import LoopSection, OptimSection, load_config
 from train.data.config import MLLMDataConfig
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,39 +54,26 @@ class LoraSettings:
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # 0 disables (written explicitly into DeepSpeed configs, whose default is 1.0)
+class OptimConfig(OptimSection):
+    """LLaVA-style fine-tuning defaults (the shared section's)."""
+    lr: float = 2e-5  # grad_clip 1.0 is written explicitly into DeepSpeed configs, whose default is also 1.0
 
 
 @dataclass
-class LoopConfig:
-    steps: int = 100
-    grad_accum: int = 1
-    seed: int = 0
+class LoopConfig(LoopSection):
     output_dir: str = "runs/mllm"
-    save_every: int = 500
-    keep_last: int = 3
+    grad_accum: int = 1
     # export the model alone (our save_pretrained folder) every N steps under output_dir/snapshots/step_<N>, for
     # learning curves: weights only, so a few MB each for the demo's model; 0: off
     snapshot_every: int = 0
-    log_every: int = 10
-    # auto: bf16 autocast on a GPU, and on a CPU only where bf16 is native and faster (train.common.precision)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     deepspeed: str | None = None  # a configs/deepspeed/*.json; "auto" fields are filled from this recipe
-    tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("steps", "grad_accum", "save_every", "keep_last", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        super().__post_init__()
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.snapshot_every < 0:
             raise ValueError(f"train.snapshot_every must be >= 0 (0: off), got {self.snapshot_every}")
 

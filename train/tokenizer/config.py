@@ -5,19 +5,21 @@ Unknown keys and wrong types are rejected by :func:`train.common.config.from_dic
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from train.common.config import load_config
+from train.common.config import ConfigError, LoopSection, OptimSection, load_config
 
 
 @dataclass
 class ModelConfig:
     preset: str = "unitok-large"                               # UniTokConfig.from_preset name
     overrides: dict[str, Any] = field(default_factory=dict)   # UniTokConfig fields on top of the preset
-    init_from: str | None = None                               # a save_pretrained dir to start from (fine-tuning)
-    grad_checkpointing: bool = True
+    pretrained: str | None = None                              # a save_pretrained dir to start from (fine-tuning)
+    gradient_checkpointing: bool = True
+    RENAMED: ClassVar[dict[str, str]] = {"init_from": "pretrained", "grad_checkpointing": "gradient_checkpointing"}
 
     def __post_init__(self) -> None:
         if "entropy_weight" in self.overrides:
@@ -109,41 +111,32 @@ class DiscConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(OptimSection):
+    """The released recipe's optimiser."""
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-6
     weight_decay: float = 0.02
-    grad_clip: float = 10.0         # 0 disables clipping
-    warmup_fraction: float = 0.01
-    min_lr_ratio: float = 0.1       # cosine ends at min_lr_ratio * lr
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup_fraction <= 1.0:
-            raise ValueError(f"optim.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+    grad_clip: float = 10.0
+    warmup_steps: int = 781         # 1 % of the 78,125 steps
+    min_lr_ratio: float = 0.1
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopSection):
     steps: int = 78_125             # 1.28e9 samples (DataComp, one epoch) / 16,384 global batch
-    batch_size: int = 64            # per process (`local_bs`)
-    seed: int = 0
-    # auto: bf16 autocast on a GPU, and on a CPU only where bf16 is native and faster (train.common.precision)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    tf32: bool = True
     output_dir: str = "runs/unitok-tokenizer"
     log_every: int = 20
     save_every: int = 2_000
-    keep_last: int = 3
+    batch_size: int = 64            # per process (`local_bs`)
+    tf32: bool = True
     grid_every: int = 1_000
     grid_images: int = 8
-    tensorboard: bool = True
     find_unused_parameters: bool = False  # DDP: only needed when a loss term skips part of the model
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "save_every", "keep_last", "grid_every"):
+        super().__post_init__()
+        for name in ("batch_size", "grid_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be > 0, got {getattr(self, name)}")
         if self.grid_images < 0:
@@ -174,11 +167,7 @@ class TokenizerTrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    # Step counts derived from fractions, so a recipe scales with train.steps.
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.optim.warmup_fraction * self.train.steps))
-
+    # The discriminator's schedule is in fractions of train.steps, so a recipe's GAN phase scales with it.
     @property
     def disc_start_step(self) -> int:
         if self.disc.start_step is not None:
@@ -188,6 +177,26 @@ class TokenizerTrainConfig:
     @property
     def disc_warmup_steps(self) -> int:
         return int(round(self.disc.warmup_fraction * self.train.steps))
+
+    @staticmethod
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        """``optim.warmup_fraction`` (before the trainers shared one optimiser section) is read for one release as
+        ``optim.warmup_steps`` = round(fraction x train.steps), with a one-line deprecation warning."""
+        optim = data.get("optim")
+        if isinstance(optim, dict) and "warmup_fraction" in optim:
+            if "warmup_steps" in optim:
+                raise ConfigError("config keys 'optim.warmup_fraction' and 'optim.warmup_steps' are one setting: "
+                                  "give only 'optim.warmup_steps'")
+            train = data.get("train") if isinstance(data.get("train"), dict) else {}
+            steps = train.get("steps", TrainConfig.steps)
+            fraction = optim["warmup_fraction"]
+            if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not isinstance(steps, int):
+                raise ConfigError(f"config key 'optim.warmup_fraction' expects a number, got {fraction!r}")
+            warnings.warn("config key 'optim.warmup_fraction' is deprecated and will be removed in the next release: "
+                          f"use 'optim.warmup_steps' (here {int(round(fraction * steps))})", FutureWarning, stacklevel=3)
+            rest = {k: v for k, v in optim.items() if k != "warmup_fraction"}
+            data = {**data, "optim": {**rest, "warmup_steps": int(round(fraction * steps))}}
+        return data
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TokenizerTrainConfig":

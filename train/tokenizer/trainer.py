@@ -49,15 +49,15 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 # ================================================================================================ building blocks
 def build_model(cfg: TokenizerTrainConfig) -> nn.Module:
-    """UniTok from a preset (+ overrides) or from ``model.init_from``; the entropy weight comes from ``loss``."""
+    """UniTok from a preset (+ overrides) or from ``model.pretrained``; the entropy weight comes from ``loss``."""
     from tokenizer import UniTok, UniTokConfig
 
     overrides = {**cfg.model.overrides, "entropy_weight": cfg.loss.entropy}
-    if cfg.model.init_from:
-        model = UniTok.from_pretrained(cfg.model.init_from, **overrides)
+    if cfg.model.pretrained:
+        model = UniTok.from_pretrained(cfg.model.pretrained, **overrides)
     else:
         model = UniTok(UniTokConfig.from_preset(cfg.model.preset, **overrides))
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.set_grad_checkpointing(cfg.model.gradient_checkpointing)
     return model.train()
 
 
@@ -190,7 +190,7 @@ class TokenizerTrainer:
 
         o = cfg.optim
         opt = build_adamw(model, o.lr, o.weight_decay, o.betas, o.eps)
-        self.sched = warmup_cosine_scheduler(opt, cfg.train.steps, cfg.warmup_steps, o.min_lr_ratio)
+        self.sched = warmup_cosine_scheduler(opt, cfg.train.steps, o.warmup_steps, o.min_lr_ratio)
         self.gan = GANSchedule(cfg.disc_start_step, cfg.disc_warmup_steps, self.image_size, cfg.disc.blur)
         if disc is not None:
             d = cfg.disc
@@ -232,7 +232,7 @@ class TokenizerTrainer:
             save_yaml(cfg, self.out_dir / "config.yaml")
             n_params = sum(p.numel() for p in self.unwrapped.parameters())
             logger.info("UniTok %s: %.2f M parameters, %d px, %d processes x batch %d, %d steps%s",
-                        cfg.model.preset if not cfg.model.init_from else cfg.model.init_from, n_params / 1e6,
+                        cfg.model.preset if not cfg.model.pretrained else cfg.model.pretrained, n_params / 1e6,
                         self.image_size, self.acc.num_processes, cfg.train.batch_size, cfg.train.steps,
                         f", resumed at step {self.step} from {resume_dir}" if resume_dir else "")
             if self.disc is not None:
@@ -268,7 +268,7 @@ class TokenizerTrainer:
                 # and DDP's reducer of the discriminator is not involved in the generator's backward.
                 self.disc_unwrapped.requires_grad_(False)
                 logits_fake = self.disc_unwrapped(discriminator_input(out.rec, sigma, cfg.disc),
-                                                  grad_ckpt=cfg.model.grad_checkpointing)
+                                                  grad_ckpt=cfg.model.gradient_checkpointing)
                 g_loss = hinge_g_loss(logits_fake.float())
                 ada = (adaptive_generator_weight(nll, g_loss, self.unwrapped.decoder.last_layer)
                        if cfg.disc.adaptive else torch.ones((), device=images.device))
@@ -303,7 +303,7 @@ class TokenizerTrainer:
             # Blur once; each discriminator call below draws its own DiffAugment.
             real_b = gaussian_blur(real, sigma) if sigma > 0 else real
             fake_b = gaussian_blur(fake, sigma) if sigma > 0 else fake
-            ckpt = self.cfg.model.grad_checkpointing
+            ckpt = self.cfg.model.gradient_checkpointing
             logits_real = self.disc(discriminator_input(real_b, 0.0, cfg), grad_ckpt=ckpt).float()
             logits_fake = self.disc(discriminator_input(fake_b, 0.0, cfg), grad_ckpt=ckpt).float()
             d_loss = hinge_d_loss(logits_real, logits_fake)
