@@ -188,16 +188,16 @@ def announce_machine(size: DemoSize, tokenizer_precision: str, why: str, stages:
     print(f"machine: {info.describe()}")
     print(f"precision: tokenizer {'bf16 autocast' if tokenizer_precision == 'bf16' else 'fp32'} ({why}); "
           f"MLLM fp32")
-    if quick:
+    if not stages:
+        print("estimate: every stage is cached", flush=True)
+    elif quick:
         print(f"estimate: {minutes(total)} on the reference machine", flush=True)
-    elif stages:
+    else:
         print(f"estimate: {minutes(total)} here ({', '.join(f'{k} {minutes(v)}' for k, v in est.items())}; "
               f"a training step takes {steps['tokenizer']:.2f} s (tokenizer) and {steps['mllm']:.2f} s (MLLM) "
               f"here against {REFERENCE_STEP_SECONDS['tokenizer'][tokenizer_precision]:.2f} and "
               f"{REFERENCE_STEP_SECONDS['mllm']:.2f} on the reference machine; budget: {BUDGET_MINUTES} min for "
               f"the full demo there)", flush=True)
-    if not stages:
-        print("estimate: every stage is cached", flush=True)
     return {**info.to_dict(), "tokenizer_precision": tokenizer_precision, "precision_reason": why,
             "step_seconds": None if quick else steps, "estimate_seconds": {k: round(v) for k, v in est.items()},
             "estimate_total_seconds": round(total)}
