@@ -339,7 +339,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .shapes.geneval import summarize
+    from metrics.geneval import summarize
     from .vqa_metric import evaluate_vqa
 
     if args.scorer == "pope":

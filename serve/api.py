@@ -155,20 +155,19 @@ class Server:
         return data
 
     def load_picture(self, url: str, where: str) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
-        from tokenizer.image import open_image, preprocess_padded
+        from tokenizer.image import image_pixels, open_image, preprocess_padded
 
         raw = self._image_bytes(url, where)
         if len(raw) > self.limits.max_image_bytes:
             raise APIError(413, f"{where}: image is {len(raw)} bytes, over the limit of {self.limits.max_image_bytes}",
                            param=where)
         try:
-            with Image.open(io.BytesIO(raw)) as probe:
-                pixels = probe.width * probe.height
-            if pixels > self.limits.max_image_pixels:
-                raise APIError(413, f"{where}: image is {probe.width}x{probe.height} = {pixels} pixels, over the "
-                                    f"limit of {self.limits.max_image_pixels}", param=where)
+            pixels = image_pixels(io.BytesIO(raw))
+            if isinstance(pixels, str) or pixels > self.limits.max_image_pixels:
+                raise APIError(413, f"{where}: image has {pixels} pixels, over the limit of "
+                                    f"{self.limits.max_image_pixels}", param=where)
             img = open_image(io.BytesIO(raw), where)
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise APIError(400, f"{where}: cannot decode the image ({err})", param=where) from None

@@ -289,7 +289,7 @@ def test_shapes_training_logs_held_out_psnr(tmp_path):
     """The demo recipe's switches: shapes data, no CLIP (text tower skipped), no GAN, held-out PSNR in the logs."""
     out = tmp_path / "run"
     cfg = TokenizerTrainConfig.load(TINY, ["data.format=shapes", "data.num_workers=0", f"train.output_dir={out}",
-                                           "loss.clip=0", "disc.enabled=false", "train.steps=6", "train.batch_size=4",
+                                           "loss.clip=0", "disc.enabled=false", "train.steps=6", "optim.warmup_steps=0", "train.batch_size=4",
                                            "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
                                            "model.gradient_checkpointing=false", "train.grid_every=3"])
     hist = train(cfg)
@@ -311,7 +311,7 @@ def test_shapes_training_logs_held_out_psnr(tmp_path):
     # resume keeps the training clock
     hist2 = train(TokenizerTrainConfig.load(TINY, [*[f"{k}" for k in (
         "data.format=shapes", "data.num_workers=0", f"train.output_dir={out}", "loss.clip=0", "disc.enabled=false",
-        "train.steps=8", "train.batch_size=4", "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
+        "train.steps=8", "optim.warmup_steps=0", "train.batch_size=4", "train.save_every=3", "eval.every=3", "eval.shapes_test=8",
         "model.gradient_checkpointing=false")]]), resume="latest")
     assert [h["step"] for h in hist2] == [7, 8]
     from train.common.schedule import WarmupCosine

@@ -40,9 +40,7 @@ def open_image(source, name: str) -> Image.Image:
     try:
         opened = Image.open(source)
     except Image.DecompressionBombError as err:
-        # PIL's own process-wide guard (twice Image.MAX_IMAGE_PIXELS; left as the application set it) refused first
-        pixels = re.search(r"\((\d+) pixels\)", str(err))
-        raise ValueError(f"image {name} has {pixels.group(1) if pixels else 'too many'} pixels, over the limit of "
+        raise ValueError(f"image {name} has {bomb_pixels(err)} pixels, over the limit of "
                          f"{min(limit, 2 * (Image.MAX_IMAGE_PIXELS or 0)) or limit} (to allow more, raise "
                          f"{PIXEL_LIMIT_ENV} and, past PIL's own guard, PIL.Image.MAX_IMAGE_PIXELS)") from None
     with opened as img:
@@ -51,6 +49,22 @@ def open_image(source, name: str) -> Image.Image:
                              f"limit of {limit} (set {PIXEL_LIMIT_ENV} to allow more)")
         img.load()
         return to_rgb(img)
+
+
+def bomb_pixels(err: Exception) -> int | str:
+    """The pixel count in PIL's own refusal (its process-wide guard, twice ``Image.MAX_IMAGE_PIXELS``, which we leave
+    as the application set it): the header is read, the image never decoded."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    return int(found.group(1)) if found else "too many"
+
+
+def image_pixels(source) -> int | str:
+    """Width x height from an image's header (nothing decoded), PIL's guard included."""
+    try:
+        with Image.open(source) as img:
+            return img.width * img.height
+    except Image.DecompressionBombError as err:
+        return bomb_pixels(err)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = TRANSPARENT_BACKGROUND) -> Image.Image:
