@@ -42,8 +42,9 @@ def write_recipe(root: Path, files: dict[str, Path], out: Path, **sections) -> P
                  "sources": [{"name": "pairs", "kind": "caption", "paths": [str(files["pairs"])], "t2i_ratio": 0.5},
                              {"name": "text", "kind": "text", "paths": [str(files["text"])], "weight": 0.5}]},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "grad_clip": 1.0},
+        # fp32 on every CPU: the tests compare runs' exact numbers (auto would pick bf16 where it is native)
         "train": {"steps": 10, "save_every": 100, "log_every": 1, "output_dir": str(out), "progress": False,
-                  "tensorboard": False},
+                  "tensorboard": False, "mixed_precision": "no"},
     }
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values}

@@ -65,6 +65,9 @@ def test_both_trainers_log_the_precision_they_chose_and_why(cpu_answer, caplog):
         mllm = mllm_accelerator(MLLMTrainConfig.load(None, ["train.mixed_precision=auto"]))
         # a run of its own: the earlier fp32 accelerator in this process does not hold this one to fp32
         assert mllm.mixed_precision == "bf16"
+        ds = MLLMTrainConfig.load(None, ["train.mixed_precision=auto", "train.deepspeed=configs/deepspeed/zero2.json"])
+        from train.mllm.trainer import mllm_precision
+        assert mllm_precision(ds) == ("no", "auto: DeepSpeed on a CPU trains in fp32 (its bf16 mode casts the weights)")
     assert [r.getMessage() for r in caplog.records] == [
         "tokenizer training precision: fp32 - auto: this CPU emulates bf16 (bf16 0.8 GFLOP/s against 34.0 for "
         "fp32), so fp32",

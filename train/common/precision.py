@@ -98,9 +98,9 @@ def resolve_precision(requested: str, device_type: str | None = None) -> tuple[s
     return "no", f"auto: this CPU emulates bf16 ({speed.describe()}), so fp32"
 
 
-def log_precision(requested: str, what: str) -> str:
-    """Resolve, log the choice and its reason, and return accelerate's ``mixed_precision`` value."""
-    precision, why = resolve_precision(requested)
+def log_precision(choice: tuple[str, str], what: str) -> str:
+    """Log a :func:`resolve_precision` choice and its reason; return accelerate's ``mixed_precision`` value."""
+    precision, why = choice
     logger.info("%s precision: %s - %s", what, "bf16 autocast" if precision == "bf16" else "fp32", why)
     return precision
 

@@ -134,13 +134,23 @@ def deepspeed_plugin(cfg: MLLMTrainConfig, world_size: int):
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_batch_size"] = micro * cfg.train.grad_accum * world_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    bf16 = resolve_precision(cfg.train.mixed_precision)[0] == "bf16"
+    bf16 = mllm_precision(cfg)[0] == "bf16"
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)
     zero = ds.setdefault("zero_optimization", {})  # bucket-size "auto"s: accelerate fills them from hidden_size
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         ds["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW works with offload
     return DeepSpeedPlugin(hf_ds_config=ds)
+
+
+def mllm_precision(cfg: MLLMTrainConfig) -> tuple[str, str]:
+    """:func:`resolve_precision`, except that ``auto`` keeps DeepSpeed on a CPU (a test setup) in fp32: DeepSpeed's
+    bf16 mode is not autocast but bf16 weights, which the code embedder's fp32 codebook lookup does not take."""
+    precision, why = resolve_precision(cfg.train.mixed_precision)
+    if (precision == "bf16" and cfg.train.mixed_precision == "auto" and cfg.train.deepspeed
+            and not torch.cuda.is_available()):
+        return "no", "auto: DeepSpeed on a CPU trains in fp32 (its bf16 mode casts the weights)"
+    return precision, why
 
 
 def build_accelerator(cfg: MLLMTrainConfig):
@@ -164,7 +174,7 @@ def build_accelerator(cfg: MLLMTrainConfig):
     # fp32 tokenizer stage, a test) would otherwise have fixed, precision included
     AcceleratorState._reset_state()
     with scope:  # the process group (and DeepSpeed's communication backend) is created here
-        return Accelerator(mixed_precision=log_precision(cfg.train.mixed_precision, "MLLM training"),
+        return Accelerator(mixed_precision=log_precision(mllm_precision(cfg), "MLLM training"),
                            gradient_accumulation_steps=cfg.train.grad_accum,
                            deepspeed_plugin=plugin, kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
@@ -174,8 +184,10 @@ def without_deepspeed_shm_build():
     """DeepSpeed's TorchBackend JIT-compiles a shared-memory all-reduce op (used for inference only) when it is
     created: a ~30 s C++ build on a CPU machine (seen with deepspeed 0.19.8). Skip that build for the backend created
     inside this block only, and restore DeepSpeed's function after it."""
-    import deepspeed.comm.torch as ds_torch
+    import importlib
 
+    # by path: the attribute deepspeed.comm.torch is the torch package that deepspeed.comm imports
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
     original = ds_torch.build_shm_op
     ds_torch.build_shm_op = lambda: None
     try:

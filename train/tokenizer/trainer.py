@@ -31,7 +31,7 @@ from train.common.config import save_yaml
 from train.common.contrastive import clip_loss
 from train.common.images import make_grid, save_image_grid
 from train.common.optim import build_adamw
-from train.common.precision import log_precision
+from train.common.precision import log_precision, resolve_precision
 from train.common.schedule import warmup_cosine_scheduler
 from train.common.tracking import MetricsWriter, Throughput, progress_bar
 
@@ -128,7 +128,7 @@ def build_accelerator(cfg: TokenizerTrainConfig):
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    mp = log_precision(cfg.train.mixed_precision, "tokenizer training")
+    mp = log_precision(resolve_precision(cfg.train.mixed_precision), "tokenizer training")
     AcceleratorState._reset_state()  # a run of its own (see train.mllm.trainer.build_accelerator)
     return Accelerator(mixed_precision=mp, step_scheduler_with_optimizer=False,
                        kwargs_handlers=[DistributedDataParallelKwargs(
