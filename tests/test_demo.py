@@ -283,3 +283,28 @@ def test_stage_times_legend_only_when_a_stage_is_cached():
     assert format_stage_times(fresh) == "stage times (s):  tokenizer 548  eval 41"
     cached = {"tokenizer": {"seconds": 548.2, "cached": True}, "eval": {"seconds": 41.0, "cached": False}}
     assert format_stage_times(cached) == ("stage times (s):  tokenizer 548*  eval 41   (* cached from an earlier run)")
+
+
+@pytest.mark.slow
+def test_the_workload_probe_times_both_models_and_leaves_the_random_state_alone():
+    """The estimate's probe runs the tokenizer stage's own trainer and the demo MLLM on the prompt -> image mix, and
+    restores torch's, numpy's and Python's random state, so the stages after it are what they would have been."""
+    import random
+
+    import numpy as np
+
+    from demo.pipeline import mllm_probe_batch, workload_step_seconds
+    from mllm import UniTokMLLMConfig
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    steps = workload_step_seconds("no")
+    assert set(steps) == {"tokenizer", "mllm"} and all(0 < v < 60 for v in steps.values())
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    cfg = UniTokMLLMConfig.from_preset("tiny")
+    ids, labels, codes = mllm_probe_batch(cfg)
+    per_row = 256 // (24 + cfg.image_positions + 4)
+    assert ids.shape == (16, 256) and codes.shape == (16 * per_row, cfg.num_codebooks, cfg.image_positions)
+    assert int((labels == cfg.image_placeholder_id).sum()) == codes.shape[0] * cfg.image_positions  # image targets
