@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     for f in dataclasses.fields(Limits):  # one flag per request limit, named, typed and defaulted by the field
         flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help")
-        if f.type in (bool, "bool"):
+        if isinstance(f.default, bool):
             p.add_argument(flag, action="store_true", help=help_text)
         else:
             kind = type(f.default)

@@ -63,17 +63,11 @@ def probe() -> MatmulSpeed:
     return _measured(torch.get_num_threads())
 
 
-def normalize(requested: str | bool) -> str:
-    """accelerate's words: a YAML ``no`` (read as a boolean) is ``"no"``."""
-    return "no" if requested is False else str(requested)
-
-
 _warned: set[str] = set()
 
 
 def resolve_precision(requested: str, device_type: str | None = None) -> tuple[str, str]:
     """``(precision, why)``: ``"bf16"`` or ``"no"`` for accelerate, and one line that says why it was chosen."""
-    requested = normalize(requested)
     if requested not in ("auto", "no", "bf16"):
         raise ValueError(f"mixed_precision must be one of 'auto', 'no', 'bf16', got {requested!r}")
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,5 +135,5 @@ def machine_info() -> MachineInfo:
                        bf16_gflops=speed.bf16_gflops, bf16_native=speed.bf16_native)
 
 
-__all__ = ["MatmulSpeed", "MachineInfo", "probe", "normalize", "resolve_precision",
+__all__ = ["MatmulSpeed", "MachineInfo", "probe", "resolve_precision",
            "log_precision", "cpu_model", "machine_info"]
