@@ -145,7 +145,6 @@ def workload_step_seconds(tokenizer_precision: str) -> dict[str, float]:
             batches = iter(trainer.stream)
             tokenizer = _median_step_seconds(lambda: trainer.train_step(next(batches)))
             image_side = image_side_from_tokenizer(trainer.unwrapped.config)
-            del trainer, batches
         recipe = MLLMTrainConfig.load(configs.path("recipes", "demo-pretrain.yaml")).model
         model_cfg = UniTokMLLMConfig.from_preset(recipe.preset, **{"vocab_size": 640, **image_side,
                                                                    **recipe.overrides})
